@@ -1,0 +1,5 @@
+import sys
+
+from loaded.cli import main
+
+sys.exit(main())

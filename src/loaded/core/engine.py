@@ -1,0 +1,333 @@
+"""The packet engine: one queued packet in, a verdict and a rewritten packet out.
+
+Rules, in the order they are applied to a packet (``Engine.handle``):
+
+1. The packet is parsed (``loaded.core.packet``); garbage raises ``PacketError``.
+2. Destination is a VIP -> **inbound**:
+
+   - TCP, UDP, ICMP/ICMPv6 echo request: the client's source address picks the
+     backend through the VIP's client table (sticky) and strategy; the
+     destination becomes the backend. Later fragments follow their client, so
+     every fragment of a datagram reaches the same backend without reassembly.
+   - ICMP/ICMPv6 error (unreachable, fragmentation needed / packet too big,
+     time exceeded, parameter problem): it belongs to the flow of the packet it
+     quotes, which the balancer sent from the VIP to a client; it goes to the
+     backend serving that client, with the outer destination and the quoted
+     source rewritten to the backend and every checksum fixed. This is what makes
+     path-MTU discovery work through the balancer.
+   - ICMPv6 neighbour discovery for the VIP is the balancer's own business: it
+     is accepted unchanged, for the local stack.
+   - Anything else is dropped (``unsupported-protocol``, ``unsupported-icmp-type``).
+
+3. Source is a backend of a VIP, or lies in a VIP's real-server network ->
+   **return path**: the source becomes the VIP (stateless, as the original);
+   an ICMP error from the real-server side also gets its quoted destination
+   rewritten to the VIP, so the client's socket recognises it. Traffic to a
+   nameserver, multicast and neighbour discovery pass unchanged.
+4. Anything else passes unchanged.
+
+A dropped packet raises ``PacketError`` with its reason; ``handle`` returns the
+backend that served the packet (inbound or return), or None when the packet
+passes unchanged. The common shapes (IPv4 without options or fragments, IPv6
+without extension headers, TCP or UDP, checksums complete) take a fast path
+that gives exactly the result of the general one; tests hold them equal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterable, Sequence
+
+from loaded.core.checksum import address_delta
+from loaded.core.clients import ClientTable
+from loaded.core.config import Config
+from loaded.core.errors import PacketError, Reason
+from loaded.core.packet import (
+    Buf,
+    ICMP,
+    ICMP4_ECHO_REQUEST,
+    ICMP6_ECHO_REQUEST,
+    ICMP6_NDP,
+    ICMPV6,
+    TCP,
+    UDP,
+    Packet,
+    icmp_checksum_ok,
+    parse,
+    parse_embedded,
+    rewrite,
+    rewrite_embedded,
+    set_icmp_checksum,
+)
+from loaded.core.pool import Backend, IPAddress, Pool
+from loaded.core.strategies import Strategy, make_strategy
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_ADDR4 = struct.Struct("4s4s").unpack_from
+_ADDR6 = struct.Struct("16s16s").unpack_from
+_DNS_PORT = 53
+
+
+class Service:
+    """One VIP with its backends, strategy and client table."""
+
+    def __init__(self, vip: IPAddress, pool: Pool, strategy: Strategy, table: ClientTable,
+                 real_net: IPNetwork | None = None) -> None:
+        self.vip = vip
+        self.addr = vip.packed
+        self.pool = pool
+        self.strategy = strategy
+        self.table = table
+        self.real_net = real_net
+
+    @property
+    def version(self) -> int:
+        return self.vip.version
+
+
+class Engine:
+    """Turns queued packets into verdicts; one per worker, no shared state."""
+
+    def __init__(self, services: Sequence[Service],
+                 nameservers: Iterable[IPAddress] = ()) -> None:
+        self.services = list(services)
+        self._vip4 = {s.addr: s for s in self.services if s.version == 4}
+        self._vip6 = {s.addr: s for s in self.services if s.version == 6}
+        if len(self._vip4) + len(self._vip6) != len(self.services):
+            raise ValueError("two services share a VIP")
+        self._svc4 = [s for s in self.services if s.version == 4]
+        self._svc6 = [s for s in self.services if s.version == 6]
+        self._nameservers = frozenset(ns.packed for ns in nameservers)
+
+    def service(self, vip: IPAddress) -> Service | None:
+        return (self._vip4 if vip.version == 4 else self._vip6).get(vip.packed)
+
+    # --- the hot path -----------------------------------------------------------
+
+    def handle(self, buf: Buf, now: float, partial: bool = False) -> Backend | None:
+        """Decide and rewrite ``buf`` in place; see the module rules."""
+        n = len(buf)
+        # Fast path: the shapes nearly all traffic has. Anything unusual, or any
+        # check that fails, falls through to the general path, which re-checks
+        # and raises the precise error.
+        if n >= 40 and not partial:
+            b0 = buf[0]
+            if b0 == 0x45:
+                proto = buf[9]
+                total = (buf[2] << 8) | buf[3]
+                if (proto == TCP or proto == UDP) and total <= n and not (
+                        buf[6] & 0x3F or buf[7]):
+                    if proto == TCP:
+                        co = 36
+                        ok = total >= 40 and 20 <= (buf[32] >> 4) << 2 <= total - 20
+                    else:
+                        co = 26
+                        ok = 8 <= ((buf[24] << 8) | buf[25]) <= total - 20
+                    if ok:
+                        src, dst = _ADDR4(buf, 12)
+                        svc = self._vip4.get(dst)
+                        if svc is not None:
+                            b = svc.table.backend_for(src, now)
+                            if b is None:
+                                raise PacketError(Reason.NO_BACKEND, str(svc.vip))
+                            buf[16:20] = b.addr
+                            _fix4(buf, co, b.delta_in, proto)
+                            b.packets += 1
+                            b.bytes += n
+                            return b
+                        if dst[0] < 224 and (not self._nameservers
+                                             or dst not in self._nameservers):
+                            for svc in self._svc4:
+                                b = svc.pool.by_addr(src)
+                                if b is not None:
+                                    buf[12:16] = svc.addr
+                                    _fix4(buf, co, b.delta_out, proto)
+                                    b.packets += 1
+                                    b.bytes += n
+                                    return b
+            elif b0 >> 4 == 6:
+                proto = buf[6]
+                if (proto == TCP or proto == UDP) and 40 + ((buf[4] << 8) | buf[5]) <= n:
+                    plen = (buf[4] << 8) | buf[5]
+                    if proto == TCP:
+                        co = 56
+                        ok = plen >= 20 and 20 <= (buf[52] >> 4) << 2 <= plen
+                    else:
+                        co = 46
+                        ok = 8 <= ((buf[44] << 8) | buf[45]) <= plen
+                    if ok:
+                        src, dst = _ADDR6(buf, 8)
+                        svc = self._vip6.get(dst)
+                        if svc is not None:
+                            b = svc.table.backend_for(src, now)
+                            if b is None:
+                                raise PacketError(Reason.NO_BACKEND, str(svc.vip))
+                            buf[24:40] = b.addr
+                            _fix6(buf, co, b.delta_in, proto)
+                            b.packets += 1
+                            b.bytes += n
+                            return b
+                        if dst[0] != 0xFF and (not self._nameservers
+                                               or dst not in self._nameservers):
+                            for svc in self._svc6:
+                                b = svc.pool.by_addr(src)
+                                if b is not None:
+                                    buf[8:24] = svc.addr
+                                    _fix6(buf, co, b.delta_out, proto)
+                                    b.packets += 1
+                                    b.bytes += n
+                                    return b
+        return self.handle_general(buf, now, partial)
+
+    # --- the general path -------------------------------------------------------
+
+    def handle_general(self, buf: Buf, now: float, partial: bool = False) -> Backend | None:
+        """``handle`` without the fast path: every shape, every check."""
+        p = parse(buf)
+        vips = self._vip4 if p.version == 4 else self._vip6
+        svc = vips.get(p.dst)
+        if svc is not None:
+            return self._inbound(buf, p, svc, now, partial)
+        if p.dst[0] >= (224 if p.version == 4 else 0xFF):
+            return None  # multicast and broadcast are never rewritten
+        for svc in self._svc4 if p.version == 4 else self._svc6:
+            b = svc.pool.by_addr(p.src)
+            if b is not None or (svc.real_net is not None and _in_net(p.src, svc.real_net)):
+                return self._outbound(buf, p, svc, b, partial)
+        return None
+
+    def _inbound(self, buf: Buf, p: Packet, svc: Service, now: float,
+                 partial: bool) -> Backend | None:
+        proto = p.proto
+        if proto == ICMP or proto == ICMPV6:
+            if p.first:
+                t = p.icmp_type
+                if p.is_icmp_error:
+                    return self._inbound_icmp_error(buf, p, svc, now)
+                if proto == ICMPV6 and t in ICMP6_NDP:
+                    return None
+                if t != (ICMP4_ECHO_REQUEST if proto == ICMP else ICMP6_ECHO_REQUEST):
+                    raise PacketError(Reason.UNSUPPORTED_ICMP, f"type {t}")
+        elif proto != TCP and proto != UDP:
+            raise PacketError(Reason.UNSUPPORTED_PROTOCOL, f"protocol {proto}")
+        b = svc.table.backend_for(p.src, now)
+        if b is None:
+            raise PacketError(Reason.NO_BACKEND, str(svc.vip))
+        rewrite(buf, p, p.dst_off, b.addr, b.delta_in, partial)
+        b.packets += 1
+        b.bytes += len(buf)
+        return b
+
+    def _inbound_icmp_error(self, buf: Buf, p: Packet, svc: Service,
+                            now: float) -> Backend:
+        q = _checked_error(buf, p)
+        if q.src != svc.addr:
+            raise PacketError(Reason.BAD_EMBEDDED, "quoted packet was not sent from the VIP")
+        client = q.dst
+        b = svc.table.peek(client)
+        if b is None and svc.strategy.resteers:
+            # A hashing strategy would pick the same backend again: the flow is known.
+            b = svc.table.backend_for(client, now)
+        if b is None or not b.serves_existing:
+            raise PacketError(Reason.UNKNOWN_FLOW, "no backend serves the quoted client")
+        rewrite(buf, p, p.dst_off, b.addr, b.delta_in)
+        rewrite_embedded(buf, q, q.src_off, b.addr, b.delta_in)
+        set_icmp_checksum(buf, p)
+        b.packets += 1
+        b.bytes += len(buf)
+        return b
+
+    def _outbound(self, buf: Buf, p: Packet, svc: Service, b: Backend | None,
+                  partial: bool) -> Backend | None:
+        proto = p.proto
+        if self._nameservers and p.dst in self._nameservers:
+            return None  # the backends' own DNS is not balanced traffic
+        delta = b.delta_out if b is not None else address_delta(p.src, svc.addr)
+        if proto == ICMP or proto == ICMPV6:
+            if p.first and p.is_icmp_error:
+                q = _checked_error(buf, p)
+                inner = svc.pool.by_addr(q.dst)
+                if inner is None:
+                    raise PacketError(Reason.UNKNOWN_FLOW, "quoted packet was not sent to a backend")
+                rewrite(buf, p, p.src_off, svc.addr, delta)
+                rewrite_embedded(buf, q, q.dst_off, svc.addr, inner.delta_out)
+                set_icmp_checksum(buf, p)
+                return inner if b is None else b
+            if proto == ICMPV6 and p.first and p.icmp_type in ICMP6_NDP:
+                return None
+        elif proto != TCP and proto != UDP:
+            raise PacketError(Reason.UNSUPPORTED_PROTOCOL, f"protocol {proto}")
+        rewrite(buf, p, p.src_off, svc.addr, delta, partial)
+        if b is not None:
+            b.packets += 1
+            b.bytes += len(buf)
+        return b
+
+
+def _checked_error(buf: Buf, p: Packet) -> Packet:
+    """The quoted packet of an ICMP error, once the error's own checksum is verified."""
+    if p.fragmented:
+        raise PacketError(Reason.BAD_EMBEDDED, "fragmented ICMP error")
+    if not icmp_checksum_ok(buf, p):
+        raise PacketError(Reason.BAD_ICMP_CHECKSUM)
+    return parse_embedded(buf, p)
+
+
+def _in_net(addr: bytes, net: IPNetwork) -> bool:
+    value = int.from_bytes(addr, "big")
+    return (value & int(net.netmask)) == int(net.network_address)
+
+
+def _fix4(buf: Buf, co: int, d: int, proto: int) -> None:
+    """Checksums after an IPv4 address change by ``d``: header, then TCP/UDP."""
+    s = (~((buf[10] << 8) | buf[11]) & 0xFFFF) + d
+    s = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
+    buf[10] = s >> 8
+    buf[11] = s & 0xFF
+    c = (buf[co] << 8) | buf[co + 1]
+    if c == 0 and proto == UDP:
+        return
+    s = (~c & 0xFFFF) + d
+    s = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
+    if s == 0 and proto == UDP:
+        s = 0xFFFF
+    buf[co] = s >> 8
+    buf[co + 1] = s & 0xFF
+
+
+def _fix6(buf: Buf, co: int, d: int, proto: int) -> None:
+    """The TCP/UDP checksum after an IPv6 address change by ``d``."""
+    c = (buf[co] << 8) | buf[co + 1]
+    if c == 0 and proto == UDP:
+        return
+    s = (~c & 0xFFFF) + d
+    s = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
+    if s == 0 and proto == UDP:
+        s = 0xFFFF
+    buf[co] = s >> 8
+    buf[co + 1] = s & 0xFF
+
+
+def build_engine(config: Config, now: float, families: Iterable[int] | None = None) -> Engine:
+    """An engine for ``config``: one service per VIP, each with a fresh client table."""
+    services = []
+    for family in families if families is not None else config.families():
+        if family == 4:
+            vip: IPAddress | None = config.vip4
+            specs, real_net = config.servers4, config.rip4
+        else:
+            vip = config.vip6
+            specs, real_net = config.servers6, config.rip6
+        if vip is None:
+            raise ValueError(f"no IPv{family} VIP in {config.path}")
+        pool = Pool(vip)
+        for spec in specs:
+            pool.add(spec.ip, spec.weight, spec.state)
+        strategy = make_strategy(config.strategy, pool,
+                                 maglev_table_size=config.maglev_table_size)
+        table = ClientTable(pool, strategy, idle_timeout=config.client_timeout,
+                            max_size=config.client_table_max, now=now)
+        services.append(Service(vip, pool, strategy, table, real_net))
+    return Engine(services, config.nameservers)

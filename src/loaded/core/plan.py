@@ -1,0 +1,255 @@
+"""What the daemon changes in the kernel, decided from the config alone.
+
+The original's config file doubled as a shell script that flushed every firewall
+rule and both interfaces' addresses. Instead, the daemon computes this plan,
+applies exactly it (``loaded.io.kernel``), records each step that it really
+made, and undoes exactly those steps on exit or, after a crash, on its next
+start. ``loaded --dry-run`` prints the plan.
+
+Rules of the plan:
+
+- Addresses: each VIP (``VIP4``/``VIP4net``, ``VIP6``/``VIP6net``) on the
+  public interface; the private gateway (``private_GW``) on the private
+  interface, with the real-server network's prefix when it lies inside it
+  (which also gives the route), else as a host address plus an explicit route
+  to the real-server network.
+- Sysctls: forwarding on; ICMP redirects neither sent nor accepted; broadcast
+  pings ignored by the balancer itself. Old values are restored on exit.
+- Neighbours: every backend gets a permanent neighbour entry on the private
+  interface, its link-layer address found by the daemon.
+- Firewall rules, only in chains of the daemon's own (named with the
+  instance tag), each entered by one jump rule from a built-in chain:
+
+  ======  ============  =========================================================
+  table   hook          rules
+  ======  ============  =========================================================
+  raw     PREROUTING    no conntrack for traffic to a VIP or from the real-server
+                        network (the per-packet path needs none), except DNS to
+                        the nameservers, which is masqueraded
+  mangle  PREROUTING    to a VIP: neighbour discovery stays local; HMARK hashes
+                        the client and VIP (for an ICMP error: the quoted packet's
+                        addresses, the same pair) into one mark per worker; each
+                        mark goes to its worker's queue
+  filter  FORWARD       from the real-server network, except DNS to the
+                        nameservers: spread over the queues (stateless)
+  nat     POSTROUTING   DNS from the real-server network to a nameserver:
+                        masquerade out of the public interface
+  ======  ============  =========================================================
+
+  Hashing by client address pins every packet of a client, whatever its
+  protocol, and every ICMP error about its flows, to one worker and so to one
+  client table. NFQUEUE is the iptables target because this kernel has no
+  nftables ``queue`` expression.
+- Fail-open (``fail_open=yes``): the queue rules carry ``--queue-bypass`` (no
+  daemon: packets pass unbalanced, to the balancer's own stack, which refuses
+  them at once) and queues are bound with the fail-open flag (a full queue
+  accepts). Fail-closed (default): such packets are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+
+from loaded.core.config import Config
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MARK_BASE = 0x4C440000  # "LD" in the high half: recognisable in a trace
+
+
+@dataclass(frozen=True)
+class Address:
+    ifname: str
+    ip: IPAddress
+    prefix: int
+    purpose: str
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: IPNetwork
+    ifname: str
+
+
+@dataclass(frozen=True)
+class Sysctl:
+    key: str  # path under /proc/sys
+    value: str
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    ifname: str
+    ip: IPAddress
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A chain of our own, entered from ``hook`` by one jump rule."""
+
+    family: int
+    table: str
+    hook: str
+    name: str
+    jump_match: tuple[str, ...]  # match of the jump rule in the built-in chain
+    rules: tuple[tuple[str, ...], ...]  # each: iptables arguments after "-A <name>"
+
+
+@dataclass(frozen=True)
+class Plan:
+    tag: str
+    families: tuple[int, ...]
+    queues: tuple[int, ...]  # queue number of each worker, in order
+    cores: tuple[int, ...]  # core each worker is pinned to
+    addresses: tuple[Address, ...] = ()
+    routes: tuple[Route, ...] = ()
+    sysctls: tuple[Sysctl, ...] = ()
+    neighbours: tuple[Neighbour, ...] = ()
+    chains: tuple[Chain, ...] = field(default=())
+
+
+class PlanError(ValueError):
+    """The config lacks something the kernel set-up needs."""
+
+
+def instance_tag(config_path: str) -> str:
+    """A short, stable name for one daemon instance, from its config path."""
+    return hashlib.sha1(config_path.encode()).hexdigest()[:6]
+
+
+def worker_cores(config: Config, cpus: int) -> tuple[int, ...]:
+    """One worker per core FIRST_CORE..LAST_CORE, clamped to the machine's cores.
+
+    As in the original, the worker on core i binds queue i.
+    """
+    last = min(config.last_core, cpus - 1)
+    first = min(config.first_core, last)
+    return tuple(range(first, last + 1))
+
+
+def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) -> Plan:
+    missing = [k for k, v in (("public_NIC", config.public_nic),
+                              ("private_NIC", config.private_nic)) if not v]
+    for family in families:
+        if (config.rip4 if family == 4 else config.rip6) is None:
+            missing.append(f"RIP{family}")
+    if missing:
+        raise PlanError(f"{config.path}: the kernel set-up needs {', '.join(missing)}")
+    assert config.public_nic is not None and config.private_nic is not None
+    pub, priv = config.public_nic, config.private_nic
+    cores = worker_cores(config, cpus)
+    queues = cores
+    addresses: list[Address] = []
+    routes: list[Route] = []
+    sysctls: list[Sysctl] = []
+    neighbours: list[Neighbour] = []
+    chains: list[Chain] = []
+    for family in families:
+        vip: IPAddress | None
+        if family == 4:
+            vip, vprefix, gw, rip = config.vip4, config.vip4_prefix, config.private_gw4, config.rip4
+            specs = config.servers4
+        else:
+            vip, vprefix, gw, rip = config.vip6, config.vip6_prefix, config.private_gw6, config.rip6
+            specs = config.servers6
+        assert vip is not None and rip is not None
+        full = 32 if family == 4 else 128
+        addresses.append(Address(pub, vip, full if vprefix is None else vprefix, "VIP"))
+        if gw is not None:
+            if gw in rip:
+                addresses.append(Address(priv, gw, rip.prefixlen, "private gateway"))
+            else:
+                addresses.append(Address(priv, gw, full, "private gateway"))
+                routes.append(Route(rip, priv))
+        else:
+            routes.append(Route(rip, priv))
+        sysctls.extend(_sysctls(family, pub, priv))
+        neighbours.extend(Neighbour(priv, s.ip) for s in specs)
+        nameservers = [ns for ns in config.nameservers if ns.version == family]
+        chains.extend(_chains(family, tag, vip, rip, nameservers, queues, pub, config.fail_open))
+    return Plan(tag, families, queues, cores, tuple(addresses), tuple(routes),
+                tuple(dict.fromkeys(sysctls)), tuple(neighbours), tuple(chains))
+
+
+def _sysctls(family: int, pub: str, priv: str) -> list[Sysctl]:
+    if family == 4:
+        out = [Sysctl("net/ipv4/ip_forward", "1"),
+               Sysctl("net/ipv4/icmp_echo_ignore_broadcasts", "1")]
+        for dev in ("all", pub, priv):
+            out.append(Sysctl(f"net/ipv4/conf/{dev}/send_redirects", "0"))
+            out.append(Sysctl(f"net/ipv4/conf/{dev}/accept_redirects", "0"))
+        return out
+    out = [Sysctl("net/ipv6/conf/all/forwarding", "1")]
+    for dev in ("all", pub, priv):
+        out.append(Sysctl(f"net/ipv6/conf/{dev}/accept_redirects", "0"))
+    return out
+
+
+def _queue_target(queues: tuple[int, ...], fail_open: bool) -> tuple[str, ...]:
+    if len(queues) == 1:
+        target: tuple[str, ...] = ("-j", "NFQUEUE", "--queue-num", str(queues[0]))
+    else:
+        target = ("-j", "NFQUEUE", "--queue-balance", f"{queues[0]}:{queues[-1]}")
+    return (*target, "--queue-bypass") if fail_open else target
+
+
+def _chains(family: int, tag: str, vip: IPAddress, rip: IPNetwork,
+            nameservers: list[IPAddress], queues: tuple[int, ...], pub: str,
+            fail_open: bool) -> list[Chain]:
+    v = str(vip)
+    r = str(rip)
+    dns = [(str(ns), proto) for ns in nameservers for proto in ("udp", "tcp")]
+    icmp = "icmp" if family == 4 else "ipv6-icmp"
+    raw_rules: list[tuple[str, ...]] = [("-d", v, "-j", "CT", "--notrack")]
+    raw_rules += [("-s", r, "-d", ns, "-p", p, "--dport", "53", "-j", "RETURN") for ns, p in dns]
+    raw_rules.append(("-s", r, "-j", "CT", "--notrack"))
+    in_rules: list[tuple[str, ...]] = []
+    if family == 6:
+        in_rules += [("-p", icmp, "--icmpv6-type", t, "-j", "RETURN")
+                     for t in ("neighbour-solicitation", "neighbour-advertisement")]
+    n = len(queues)
+    rnd = int(tag, 16) | 1
+    in_rules.append(("-j", "HMARK", "--hmark-tuple", "src,dst", "--hmark-mod", str(n),
+                     "--hmark-offset", str(MARK_BASE), "--hmark-rnd", hex(rnd)))
+    for i, q in enumerate(queues):
+        in_rules.append(("-m", "mark", "--mark", str(MARK_BASE + i),
+                         *_queue_target((q,), fail_open)))
+    out_rules: list[tuple[str, ...]] = [
+        ("-d", ns, "-p", p, "--dport", "53", "-j", "RETURN") for ns, p in dns]
+    out_rules.append(_queue_target(queues, fail_open))
+    chains = [
+        Chain(family, "raw", "PREROUTING", f"LOADED-RAW-{tag}", (), tuple(raw_rules)),
+        Chain(family, "mangle", "PREROUTING", f"LOADED-IN-{tag}", ("-d", v), tuple(in_rules)),
+        Chain(family, "filter", "FORWARD", f"LOADED-OUT-{tag}", ("-s", r), tuple(out_rules)),
+    ]
+    if dns:
+        nat = tuple(("-s", r, "-d", ns, "-p", p, "--dport", "53", "-o", pub, "-j", "MASQUERADE")
+                    for ns, p in dns)
+        chains.append(Chain(family, "nat", "POSTROUTING", f"LOADED-NAT-{tag}", (), nat))
+    return chains
+
+
+def describe(plan: Plan) -> list[str]:
+    """The plan as the commands an administrator would recognise."""
+    lines = [f"# loaded instance {plan.tag}: IPv{'+'.join(map(str, plan.families))}, "
+             f"workers on cores {', '.join(map(str, plan.cores))}, "
+             f"queues {', '.join(map(str, plan.queues))}"]
+    for s in plan.sysctls:
+        lines.append(f"sysctl -w {s.key.replace('/', '.')}={s.value}")
+    for a in plan.addresses:
+        lines.append(f"ip addr add {a.ip}/{a.prefix} dev {a.ifname}  # {a.purpose}")
+    for r in plan.routes:
+        lines.append(f"ip route add {r.dst} dev {r.ifname}")
+    for nb in plan.neighbours:
+        lines.append(f"ip neigh replace {nb.ip} lladdr <resolved> dev {nb.ifname} nud permanent")
+    for c in plan.chains:
+        tool = "iptables" if c.family == 4 else "ip6tables"
+        lines.append(f"{tool} -t {c.table} -N {c.name}")
+        for rule in c.rules:
+            lines.append(f"{tool} -t {c.table} -A {c.name} {' '.join(rule)}")
+        lines.append(f"{tool} -t {c.table} -I {c.hook} 1 {' '.join(c.jump_match)}"
+                     f"{' ' if c.jump_match else ''}-j {c.name}")
+    return lines

@@ -1,0 +1,1 @@
+"""The running balancer: a supervisor process and one worker per queue."""

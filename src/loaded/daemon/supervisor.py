@@ -1,0 +1,263 @@
+"""The supervisor: sets up the kernel, runs the workers, undoes it all on exit.
+
+Life of a daemon:
+
+1. undo what a crashed earlier run of the same instance left (its journal);
+2. sysctls, addresses and routes;
+3. fork one worker per queue; each binds its queue, pins itself to its core,
+   drops its privileges and reports ready through its pipe;
+4. only then the firewall rules that send packets to the queues, so that no
+   packet waits on a queue nobody reads; then the backends' neighbour entries;
+5. loop: restart a worker that dies, collect the workers' counters into
+   ``/run/loaded/<tag>.stats.json``, retry neighbours not resolved yet;
+6. on SIGTERM or SIGINT: stop the workers, undo every recorded kernel change.
+
+The supervisor stays root, because undoing the set-up needs it, but keeps only
+the capabilities listed in ``loaded.io.privileges.SUPERVISOR_CAPS``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loaded.core.config import Config
+from loaded.core.engine import build_engine
+from loaded.core.plan import Plan
+from loaded.daemon.worker import Worker, WorkerSpec
+from loaded.io.kernel import JOURNAL_DIR, Kernel, KernelError
+from loaded.io.nfqueue import read_proc_stats
+from loaded.io.privileges import limit_supervisor
+
+log = logging.getLogger("loaded.supervisor")
+
+RESTART_DELAY = 1.0
+READY_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+NEIGHBOUR_RETRY = 5.0
+
+
+@dataclass
+class _Child:
+    spec: WorkerSpec
+    pid: int = 0
+    fd: int = -1
+    buf: bytes = b""
+    last: dict[str, object] = field(default_factory=dict)
+    ready: bool = False
+    restart_at: float = 0.0
+    restarts: int = 0
+
+
+class Supervisor:
+    def __init__(self, config: Config, families: tuple[int, ...], plan: Plan, *,
+                 maxlen: int, user: str | None, drop_privileges: bool = True,
+                 journal_dir: Path = JOURNAL_DIR) -> None:
+        self.config = config
+        self.families = families
+        self.plan = plan
+        self.kernel = Kernel(plan, journal_dir)
+        self.stats_path = journal_dir / f"{plan.tag}.stats.json"
+        self.children = [
+            _Child(WorkerSpec(i, q, core, maxlen, config.fail_open, config.gso, user,
+                              drop_privileges))
+            for i, (q, core) in enumerate(zip(plan.queues, plan.cores, strict=True))]
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._started = time.monotonic()
+
+    # --- workers -------------------------------------------------------------
+
+    def _spawn(self, child: _Child) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.close(r)
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                for other in self.children:
+                    if other.fd >= 0:
+                        os.close(other.fd)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                engine = build_engine(self.config, time.monotonic(), self.families)
+                code = Worker(child.spec, engine, w).run()
+            except BaseException:
+                log.exception("event=worker-failed queue=%d", child.spec.queue)
+            finally:
+                os._exit(code)
+        os.close(w)
+        os.set_blocking(r, False)
+        child.pid, child.fd, child.buf, child.ready = pid, r, b"", False
+        log.info("event=worker-started queue=%d core=%d pid=%d", child.spec.queue,
+                 child.spec.core, pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for child in self.children:
+                if child.pid == pid:
+                    child.pid = 0
+                    if child.fd >= 0:
+                        self._read(child)
+                        os.close(child.fd)
+                        child.fd = -1
+                    if not self.stopping:
+                        child.restarts += 1
+                        child.restart_at = time.monotonic() + RESTART_DELAY
+                        log.warning("event=worker-died queue=%d status=%s restart_in=%.1fs",
+                                    child.spec.queue, _status(status), RESTART_DELAY)
+
+    def _read(self, child: _Child) -> None:
+        try:
+            while True:
+                data = os.read(child.fd, 65536)
+                if not data:
+                    break
+                child.buf += data
+        except BlockingIOError:
+            pass
+        *lines, child.buf = child.buf.split(b"\n")
+        for line in lines:
+            try:
+                child.last = json.loads(line)
+                child.ready = True
+            except ValueError:
+                pass
+
+    # --- main loop -----------------------------------------------------------
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_stop if sig != signal.SIGHUP else self._ignore)
+        signal.signal(signal.SIGCHLD, self._ignore)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        try:
+            self.kernel.recover()
+            self.kernel.apply_base()
+            limit_supervisor()
+            for child in self.children:
+                self._spawn(child)
+            if not self._wait_ready():
+                log.error("event=startup-failed reason=workers-not-ready")
+                return 1
+            self.kernel.apply_rules()
+            log.info("event=started tag=%s families=%s workers=%d", self.plan.tag,
+                     ",".join(map(str, self.families)), len(self.children))
+            self._loop()
+            return 0
+        except KernelError as e:
+            log.error("event=kernel-setup-failed error=%s", e)
+            return 1
+        finally:
+            self._shutdown()
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline and not self.stopping:
+            self._poll(0.1)
+            if all(c.ready for c in self.children):
+                return True
+            if any(c.pid == 0 for c in self.children):
+                return False
+        return False
+
+    def _loop(self) -> None:
+        next_stats = next_neigh = 0.0
+        while not self.stopping:
+            self._poll(0.5)
+            now = time.monotonic()
+            for child in self.children:
+                if child.pid == 0 and now >= child.restart_at:
+                    self._spawn(child)
+            if now >= next_stats:
+                next_stats = now + 1.0
+                self.write_stats()
+            if self.kernel.unresolved and now >= next_neigh:
+                next_neigh = now + NEIGHBOUR_RETRY
+                self.kernel.unresolved = self.kernel.pin_neighbours(self.kernel.unresolved,
+                                                                    wait=0.5)
+
+    def _poll(self, timeout: float) -> None:
+        fds = [self._wake_r] + [c.fd for c in self.children if c.fd >= 0]
+        try:
+            readable, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            readable = []
+        if self._wake_r in readable:
+            try:
+                os.read(self._wake_r, 512)
+            except BlockingIOError:
+                pass
+        self._reap()
+        for child in self.children:
+            if child.fd >= 0 and child.fd in readable:
+                self._read(child)
+
+    def write_stats(self) -> None:
+        stats = {
+            "tag": self.plan.tag,
+            "pid": os.getpid(),
+            "uptime": time.monotonic() - self._started,
+            "workers": [dict(c.last, restarts=c.restarts, alive=c.pid != 0)
+                        for c in self.children],
+            "kernel_queues": {str(k): v for k, v in read_proc_stats().items()
+                              if k in self.plan.queues},
+            "unresolved_neighbours": [str(n.ip) for n in self.kernel.unresolved],
+        }
+        tmp = self.stats_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(stats))
+            tmp.replace(self.stats_path)
+        except OSError as e:
+            log.warning("event=stats-write-failed error=%s", e)
+
+    def _shutdown(self) -> None:
+        self.stopping = True
+        for child in self.children:
+            if child.pid:
+                try:
+                    os.kill(child.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while any(c.pid for c in self.children) and time.monotonic() < deadline:
+            self._poll(0.05)
+        for child in self.children:
+            if child.pid:
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                    os.waitpid(child.pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+                child.pid = 0
+        self.write_stats()
+        self.kernel.undo()
+        self.kernel.close()
+        log.info("event=stopped tag=%s", self.plan.tag)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _ignore(self, signum: int, frame: object) -> None:
+        pass
+
+
+def _status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal-{os.WTERMSIG(status)}"
+    return f"exit-{os.WEXITSTATUS(status)}"

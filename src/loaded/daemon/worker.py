@@ -1,0 +1,146 @@
+"""A worker: one queue, one core, one engine, no privileges beyond the queue's.
+
+Everything the packet loop needs is imported, opened and exercised before the
+chroot, because nothing can be loaded from disk afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from loaded.core.engine import Engine
+from loaded.core.errors import PacketError
+from loaded.io.nfqueue import ACCEPT, DROP, NfQueue
+from loaded.io.privileges import WORKER_CAPS, drop_privileges
+
+log = logging.getLogger("loaded.worker")
+
+INTERNAL_ERROR = "internal-error"
+REPORT_EVERY = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    index: int
+    queue: int
+    core: int
+    maxlen: int
+    fail_open: bool
+    gso: bool
+    user: str | None
+    drop_privileges: bool = True
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, engine: Engine, report_fd: int) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.report_fd = report_fd
+        self.drops: Counter[str] = Counter()
+        self.stopping = False
+        self._next_report = 0.0
+        self.queue: NfQueue | None = None
+
+    def on_packet(self, payload: memoryview, partial: bool) -> int:
+        try:
+            self.engine.handle(payload, time.monotonic(), partial)
+        except PacketError as e:
+            self.drops[e.reason.value] += 1
+            return DROP
+        except Exception:  # a bug must cost one packet, never the worker or a queue slot
+            self.drops[INTERNAL_ERROR] += 1
+            if self.drops[INTERNAL_ERROR] < 10:
+                log.exception("event=internal-error queue=%d", self.spec.queue)
+            return DROP
+        return ACCEPT
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now < self._next_report:
+            return
+        self._next_report = now + REPORT_EVERY
+        for svc in self.engine.services:
+            svc.table.expire(now)
+        self.report()
+
+    def snapshot(self) -> dict[str, object]:
+        q = self.queue
+        return {
+            "index": self.spec.index,
+            "queue": self.spec.queue,
+            "pid": os.getpid(),
+            "packets": q.stats.packets if q else 0,
+            "accepted": q.stats.accepted if q else 0,
+            "dropped": q.stats.dropped if q else 0,
+            "batches": q.stats.batches if q else 0,
+            "overruns": q.stats.overruns if q else 0,
+            "truncated": q.stats.truncated if q else 0,
+            "verdict_errors": {str(k): v for k, v in (q.stats.verdict_errors if q else {}).items()},
+            "drops": dict(self.drops),
+            "cpu_seconds": time.process_time(),
+            "services": {
+                str(svc.vip): {
+                    "clients": len(svc.table),
+                    "backends": {str(b.ip): {"packets": b.packets, "bytes": b.bytes,
+                                             "clients": b.clients, "state": b.state.value}
+                                 for b in svc.pool},
+                } for svc in self.engine.services
+            },
+        }
+
+    def report(self) -> None:
+        line = json.dumps(self.snapshot()).encode() + b"\n"
+        try:
+            os.write(self.report_fd, line)
+        except (BlockingIOError, BrokenPipeError):
+            pass
+
+    def warm_up(self) -> None:
+        """Run the engine's code paths once so nothing is loaded lazily after chroot."""
+        for svc in self.engine.services:
+            probe = bytearray(60 if svc.version == 4 else 80)
+            try:
+                self.engine.handle_general(probe, 0.0)
+            except PacketError:
+                pass
+        try:
+            self.engine.handle(bytearray(b"\x45" + bytes(39)), 0.0)
+        except PacketError:
+            pass
+        json.dumps({"warm": 1})
+        time.process_time()
+
+    def run(self) -> int:
+        spec = self.spec
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        try:
+            os.sched_setaffinity(0, {spec.core})
+        except OSError as e:
+            log.warning("event=affinity-failed core=%d error=%s", spec.core, e)
+        try:
+            os.nice(-20)
+        except OSError:
+            pass
+        self.queue = NfQueue(spec.queue, spec.maxlen, fail_open=spec.fail_open, gso=spec.gso)
+        self.warm_up()
+        if spec.drop_privileges:
+            drop_privileges(spec.user, WORKER_CAPS)
+        log.info("event=worker-ready queue=%d core=%d pid=%d user=%s", spec.queue, spec.core,
+                 os.getpid(), spec.user or "root")
+        self.report()
+        try:
+            self.queue.run(self.on_packet, lambda: self.stopping, self.tick)
+        finally:
+            self.report()
+            self.queue.close()
+        return 0
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True

@@ -1,0 +1,277 @@
+"""Carries out a kernel set-up plan, and undoes exactly what it did.
+
+Every step that really changed something is appended to a journal file
+(``/run/loaded/<tag>.json``) the moment it is done; a step that found its
+object already there (an address the administrator had added, a sysctl that
+already had the value) is not recorded and so never undone. Undo replays the
+journal backwards. A daemon that crashed leaves its journal behind; the next
+start of the same instance undoes it first.
+
+Addresses, routes and neighbours go through netlink (pyroute2); sysctls through
+/proc/sys; firewall rules through iptables/ip6tables, the only interface to the
+NFQUEUE and HMARK targets (argument vectors, never shell strings).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from loaded.core.plan import Address, Chain, Neighbour, Plan, Route, Sysctl
+
+log = logging.getLogger("loaded.kernel")
+
+JOURNAL_DIR = Path("/run/loaded")
+NUD_PERMANENT = 0x80
+_NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # reachable, stale, delay, probe, permanent
+IFA_F_NODAD = 0x02
+
+
+class KernelError(RuntimeError):
+    pass
+
+
+def _iptables(family: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    tool = "iptables" if family == 4 else "ip6tables"
+    proc = subprocess.run([tool, "-w", "5", *args], capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise KernelError(f"{tool} {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+class Kernel:
+    """Applies one plan; keeps its journal."""
+
+    def __init__(self, plan: Plan, journal_dir: Path = JOURNAL_DIR) -> None:
+        self.plan = plan
+        self.journal_path = journal_dir / f"{plan.tag}.json"
+        self.steps: list[dict[str, Any]] = []
+        self.unresolved: list[Neighbour] = []
+        self._ipr = IPRoute()
+
+    # --- journal -------------------------------------------------------------
+
+    def _record(self, step: dict[str, Any]) -> None:
+        self.steps.append(step)
+        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.journal_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "steps": self.steps}))
+        tmp.replace(self.journal_path)
+
+    def recover(self) -> int:
+        """Undo what a crashed run of this instance left; returns how many steps."""
+        try:
+            data = json.loads(self.journal_path.read_text())
+        except FileNotFoundError:
+            data = {"steps": []}
+        except (OSError, ValueError) as e:
+            log.warning("event=journal-unreadable path=%s error=%r", self.journal_path, e)
+            data = {"steps": []}
+        pid = data.get("pid")
+        if pid and pid != os.getpid() and _alive(pid):
+            raise KernelError(f"instance {self.plan.tag} is running as pid {pid}")
+        steps = data.get("steps", [])
+        self.steps = list(steps)
+        self.undo()
+        # Chains of this instance that a journal-less crash left behind.
+        for chain in self.plan.chains:
+            self._remove_chain(chain.family, chain.table, chain.hook, chain.name,
+                               list(chain.jump_match))
+        return len(steps)
+
+    # --- apply ---------------------------------------------------------------
+
+    def apply(self) -> None:
+        self.apply_base()
+        self.apply_rules()
+
+    def apply_base(self) -> None:
+        """Sysctls, addresses and routes: what must exist before the workers run."""
+        for s in self.plan.sysctls:
+            self._sysctl(s)
+        for a in self.plan.addresses:
+            self._address(a)
+        for r in self.plan.routes:
+            self._route(r)
+
+    def apply_rules(self) -> None:
+        """The rules that send packets to the queues, then the neighbour entries."""
+        for c in self.plan.chains:
+            self._chain(c)
+        self.unresolved = self.pin_neighbours(self.plan.neighbours)
+
+    def _sysctl(self, s: Sysctl) -> None:
+        path = Path("/proc/sys") / s.key
+        try:
+            old = path.read_text().strip()
+        except FileNotFoundError:
+            raise KernelError(f"no sysctl {s.key} (is the interface there?)") from None
+        if old != s.value:
+            path.write_text(s.value)
+            self._record({"kind": "sysctl", "key": s.key, "old": old})
+
+    def _index(self, ifname: str) -> int:
+        found = self._ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise KernelError(f"no interface {ifname}")
+        return int(found[0])
+
+    def _address(self, a: Address) -> None:
+        idx = self._index(a.ifname)
+        kwargs: dict[str, Any] = {"index": idx, "address": str(a.ip), "prefixlen": a.prefix}
+        if a.ip.version == 6:
+            kwargs["flags"] = IFA_F_NODAD  # a VIP must answer at once, not after DAD
+        try:
+            self._ipr.addr("add", **kwargs)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise KernelError(f"address {a.ip}/{a.prefix} on {a.ifname}: {e}") from None
+            return
+        self._record({"kind": "address", "ifname": a.ifname, "ip": str(a.ip),
+                      "prefix": a.prefix})
+
+    def _route(self, r: Route) -> None:
+        idx = self._index(r.ifname)
+        try:
+            self._ipr.route("add", dst=str(r.dst), oif=idx)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise KernelError(f"route {r.dst} dev {r.ifname}: {e}") from None
+            return
+        self._record({"kind": "route", "dst": str(r.dst), "ifname": r.ifname})
+
+    def _chain(self, c: Chain) -> None:
+        fam, t = c.family, c.table
+        _iptables(fam, "-t", t, "-N", c.name)
+        self._record({"kind": "chain", "family": fam, "table": t, "hook": c.hook,
+                      "name": c.name, "jump": list(c.jump_match)})
+        for rule in c.rules:
+            _iptables(fam, "-t", t, "-A", c.name, *rule)
+        _iptables(fam, "-t", t, "-I", c.hook, "1", *c.jump_match, "-j", c.name)
+
+    def pin_neighbours(self, wanted: Iterable[Neighbour], wait: float = 3.0) -> list[Neighbour]:
+        """Permanent neighbour entries for ``wanted``; returns those not resolved yet.
+
+        Resolution is triggered by a datagram to the discard port, which makes
+        the kernel run ARP or neighbour discovery as for any packet.
+        """
+        pending = list(wanted)
+        for nb in pending:
+            _poke(str(nb.ip))
+        deadline = time.monotonic() + wait
+        left: list[Neighbour] = []
+        while pending:
+            left = []
+            for nb in pending:
+                if not self._pin(nb):
+                    left.append(nb)
+            pending = left
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        for nb in left:
+            log.warning("event=neighbour-unresolved ip=%s dev=%s", nb.ip, nb.ifname)
+        return left
+
+    def _pin(self, nb: Neighbour) -> bool:
+        idx = self._index(nb.ifname)
+        family = socket.AF_INET if nb.ip.version == 4 else socket.AF_INET6
+        for entry in self._ipr.get_neighbours(family=family, dst=str(nb.ip), ifindex=idx):
+            mac = entry.get_attr("NDA_LLADDR")
+            state = entry["state"]
+            if mac and state & _NUD_USABLE:
+                if state & NUD_PERMANENT:
+                    return True  # someone pinned it already: theirs, leave it
+                self._ipr.neigh("replace", dst=str(nb.ip), lladdr=mac, ifindex=idx,
+                                state=NUD_PERMANENT, family=family)
+                self._record({"kind": "neighbour", "ifname": nb.ifname, "ip": str(nb.ip)})
+                log.info("event=neighbour-pinned ip=%s lladdr=%s dev=%s", nb.ip, mac, nb.ifname)
+                return True
+        return False
+
+    # --- undo ----------------------------------------------------------------
+
+    def undo(self) -> None:
+        """Undo every recorded step, newest first; keep going past failures."""
+        while self.steps:
+            step = self.steps.pop()
+            try:
+                self._undo(step)
+            except Exception as e:  # an undo that fails must not stop the others
+                log.warning("event=undo-failed step=%s error=%r", json.dumps(step), e)
+        try:
+            self.journal_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _undo(self, step: dict[str, Any]) -> None:
+        kind = step["kind"]
+        if kind == "sysctl":
+            (Path("/proc/sys") / step["key"]).write_text(step["old"])
+        elif kind == "address":
+            idx = self._ipr.link_lookup(ifname=step["ifname"])
+            if idx:
+                self._ignore_missing(lambda: self._ipr.addr(
+                    "del", index=idx[0], address=step["ip"], prefixlen=step["prefix"]))
+        elif kind == "route":
+            idx = self._ipr.link_lookup(ifname=step["ifname"])
+            if idx:
+                self._ignore_missing(lambda: self._ipr.route("del", dst=step["dst"], oif=idx[0]))
+        elif kind == "neighbour":
+            idx = self._ipr.link_lookup(ifname=step["ifname"])
+            if idx:
+                family = socket.AF_INET6 if ":" in step["ip"] else socket.AF_INET
+                self._ignore_missing(lambda: self._ipr.neigh(
+                    "del", dst=step["ip"], ifindex=idx[0], family=family))
+        elif kind == "chain":
+            self._remove_chain(step["family"], step["table"], step["hook"], step["name"],
+                               step["jump"])
+
+    @staticmethod
+    def _remove_chain(family: int, table: str, hook: str, name: str, jump: list[str]) -> None:
+        while _iptables(family, "-t", table, "-D", hook, *jump, "-j", name,
+                        check=False).returncode == 0:
+            pass
+        _iptables(family, "-t", table, "-F", name, check=False)
+        _iptables(family, "-t", table, "-X", name, check=False)
+
+    @staticmethod
+    def _ignore_missing(action: Any) -> None:
+        try:
+            action()
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV):
+                raise
+
+    def close(self) -> None:
+        self._ipr.close()
+
+
+def _poke(ip: str) -> None:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.sendto(b"", (ip, 9))
+    except OSError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
