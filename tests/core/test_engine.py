@@ -54,12 +54,11 @@ VIP6net=64
 RIP4=198.19.0.0/24
 RIP6=2001:db8:2::/64
 NS={NS4}
-strategy=rr
 """
 
 
-def engine(extra: str = "") -> Engine:
-    return build_engine(parse_config(CONFIG + extra, "test.conf"), now=0.0)
+def engine(strategy: str = "rr") -> Engine:
+    return build_engine(parse_config(CONFIG + f"strategy={strategy}\n", "test.conf"), now=0.0)
 
 
 def addrs(family: int) -> tuple[str, list[str], list[str], str]:
@@ -216,7 +215,7 @@ def test_time_exceeded_v6_and_bad_errors() -> None:
 
 
 def test_icmp_error_with_hashing_strategy_finds_flow_without_table() -> None:
-    e = engine("strategy=sh\n")
+    e = engine("sh")
     client = CLIENTS4[0]
     q = bytes(ip(4, VIP4, client) / TCP(sport=80, dport=40000))
     first = raw(IP(src=ROUTER4, dst=VIP4) / ICMP(type=3, code=4, nexthopmtu=1200) / Raw(q))

@@ -1,0 +1,948 @@
+"""The configuration file: its format, every key, and how it is checked.
+
+Format
+======
+
+One file is both a shell script, run once as root to set up addresses, routes,
+iptables rules and sysctls, and the daemon's configuration (as with the
+original ``loaded.config``). The daemon reads a line only when, after leading
+blanks, it starts with ``key=`` for a key in the table below; every other line
+(``iptables -F``, ``ip addr add $VIP4/$VIP4net dev $public_NIC``, ``if``/``fi``,
+``echo 1 > /proc/...``) is shell for the set-up run and is ignored silently.
+
+Rules, chosen so that the shell and the daemon read the same values:
+
+- No blanks around ``=`` (the shell would run ``VIP4 = x`` as a command named
+  ``VIP4``); a known key written that way is an error.
+- Values may be quoted as in ``sh``: ``"..."`` or ``'...'``; a backslash
+  escapes one character. Words are split at blanks only; ``#`` starts a
+  comment only at the start of a word (``eth#0`` is one word, as in ``sh``).
+- The daemon cannot evaluate shell, so a value holding an expansion (``$X``,
+  ``${X}``, backquotes, unquoted or in double quotes) is an error, and so are
+  unquoted operators (``;``, ``&``, ``|``, ``<``, ``>``, ``(``, ``)``) and a
+  trailing ``\\`` (a line continuation) on a daemon line.
+- Options of a key are further ``name=value`` words on the same line; the
+  shell takes them for more assignments, so the file stays a valid script:
+  ``server4=198.19.0.1 weight=3 state=drain``. Any other word is an error.
+- A line holding just ``failover`` turns failover on (the original's form).
+- A line that looks like an assignment to a key not listed here
+  (``FOO=bar``) gives a warning and is otherwise ignored, so that a mistyped
+  key (``Server4=...``) is noticed; ``export VIP4=...`` and the like give a
+  warning too, since the daemon does not read them.
+- A key read once may be given once: a second ``VIP4=`` line is an error.
+  The shell keeps the *last* value of a repeated key, so a file that repeats
+  ``NS`` or ``private_GW`` (one per family) must run the commands that use
+  the first value before the second assignment.
+- Lines are numbered from 1; a trailing carriage return is dropped (with a
+  warning, since the shell part of such a file will not run).
+
+Every problem found is collected; if at least one is an error, ``ConfigError``
+carries them all (warnings included), each naming file, line and the bad value.
+
+Keys
+====
+
+Read by the original daemon:
+
+=================  ===========================================================
+key                value
+=================  ===========================================================
+``VIP4``           the IPv4 virtual address clients connect to
+``VIP6``           the IPv6 virtual address
+``server4``        an IPv4 backend; repeat the line for each one.
+                   Options: ``weight=0..65535`` (default 1; 0 takes no new
+                   clients), ``state=up|down|drain|draining`` (default up)
+``server6``        an IPv6 backend; same options
+``strategy``       ``rr`` (default), ``weighted``, ``wrr``, ``lc``, ``sh``,
+                   ``maglev``. Option, maglev only: ``table_size``, a prime
+                   in 7..1000003 (default 65537)
+``broadcast``      IPv4 address the failover check pings to find backends
+``port_alive``     TCP port the failover check connects to, 1..65535 (80)
+``check_cycle``    seconds between failover checks, 0 < s <= 86400 (30)
+``nfq_len``        NFQUEUE length in packets, 1..1048576 (4096)
+``failover``       the bare word, or ``failover=yes|no|1|0|true|false|on|off``
+                   (default off)
+=================  ===========================================================
+
+Used by the original only in its shell part; now checked as well:
+
+=================  ===========================================================
+``VIP4net``        prefix length of VIP4 on the public side, 0..32
+``VIP6net``        prefix length of VIP6, 0..128
+``NS``             nameserver (IPv4 or IPv6) whose DNS traffic is not balanced;
+                   may repeat
+``FIRST_CORE``     first core / NFQUEUE number, 0..65535 (0)
+``LAST_CORE``      last core / NFQUEUE number, FIRST_CORE..65535 (0)
+``RIP4``           the real-server network, e.g. ``198.19.0.0/24``; a bare
+                   address means /32; host bits set is an error
+``RIP6``           the same for IPv6 (a bare address means /128)
+``public_NIC``     interface facing the clients (Linux name rules: 1 to 15
+``private_NIC``    bytes, no ``/``, ``:`` or blanks, not ``.`` or ``..``)
+``private_GW``     the balancer's own address on the private side, the
+                   backends' default gateway; ``addr`` or ``addr/prefix``
+                   (the prefix is for ``ip addr add`` and is not kept); once per
+                   family
+=================  ===========================================================
+
+New in this implementation:
+
+====================  ========================================================
+``client_timeout``    seconds a client stays in the client table after its
+                      last packet, 1..604800 (300)
+``client_table_max``  most clients remembered, 1..100000000 (1000000)
+``datapath``          ``perpacket`` (default) or ``conntrack``
+``fail_open``         ``yes|no`` (no): whether the kernel lets packets through
+                      unbalanced when the daemon is dead or a queue is full
+``gso``               ``yes|no`` (yes): take GSO super-packets from the queue
+====================  ========================================================
+
+Checks across lines
+===================
+
+Errors: no VIP at all; a VIP without any backend of its family; a backend
+without the VIP of its family; a backend listed twice; a backend equal to the
+VIP; ``private_GW`` equal to a VIP or a backend; FIRST_CORE > LAST_CORE.
+VIPs and backends must be unicast: not unspecified, loopback, multicast,
+IPv4 limited broadcast, or (IPv6) IPv4-mapped. Warnings: a backend,
+``private_GW`` or ``broadcast`` outside RIP4/RIP6 when that is given;
+``VIP4net``/``VIP6net`` without the VIP; a nameserver listed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+from loaded.core.errors import ConfigError, Problem
+from loaded.core.pool import MAX_WEIGHT, IPAddress, State
+
+__all__ = [
+    "DATAPATHS",
+    "KEYS",
+    "STRATEGIES",
+    "BackendSpec",
+    "Config",
+    "load_config",
+    "parse_config",
+]
+
+STRATEGIES: frozenset[str] = frozenset({"rr", "weighted", "wrr", "lc", "sh", "maglev"})
+DATAPATHS: frozenset[str] = frozenset({"perpacket", "conntrack"})
+
+# Maglev needs a prime table size so that every backend's permutation visits
+# every slot; the bounds keep the table from being uselessly small or huge.
+MAGLEV_MIN_TABLE = 7
+MAGLEV_MAX_TABLE = 1_000_003
+MAGLEV_DEFAULT_TABLE = 65537
+# NFQUEUE numbers are 16 bits, and FIRST_CORE..LAST_CORE name queues.
+MAX_QUEUE = 65535
+MAX_NFQ_LEN = 1_048_576
+MAX_CHECK_CYCLE = 86400.0
+MAX_CLIENT_TIMEOUT = 604800.0
+MAX_CLIENT_TABLE = 100_000_000
+IFNAMSIZ = 16  # Linux: 15 bytes and the terminating NUL
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One ``server4``/``server6`` line."""
+
+    ip: IPv4Address | IPv6Address
+    weight: int = 1
+    state: State = State.UP
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A checked configuration. ``warnings`` holds what was found but tolerated."""
+
+    path: str
+    vip4: IPv4Address | None = None
+    vip4_prefix: int | None = None
+    vip6: IPv6Address | None = None
+    vip6_prefix: int | None = None
+    servers4: tuple[BackendSpec, ...] = ()
+    servers6: tuple[BackendSpec, ...] = ()
+    strategy: str = "rr"
+    maglev_table_size: int = MAGLEV_DEFAULT_TABLE
+    broadcast: IPv4Address | None = None
+    port_alive: int = 80
+    check_cycle: float = 30.0
+    nfq_len: int = 4096
+    failover: bool = False
+    nameservers: tuple[IPv4Address | IPv6Address, ...] = ()
+    first_core: int = 0
+    last_core: int = 0
+    rip4: IPv4Network | None = None
+    rip6: IPv6Network | None = None
+    public_nic: str | None = None
+    private_nic: str | None = None
+    private_gw4: IPv4Address | None = None
+    private_gw6: IPv6Address | None = None
+    client_timeout: float = 300.0
+    client_table_max: int = 1_000_000
+    datapath: str = "perpacket"
+    fail_open: bool = False
+    gso: bool = True
+    warnings: tuple[Problem, ...] = ()
+
+    def families(self) -> tuple[int, ...]:
+        """The address families that have a VIP: (4,), (6,) or (4, 6)."""
+        return tuple(f for f, vip in ((4, self.vip4), (6, self.vip6)) if vip is not None)
+
+    def restrict(self, family: int) -> Config:
+        """A copy for one address family (``-4`` / ``-6``).
+
+        The other family's VIP, prefix, backends, RIP network and private
+        gateway are dropped, nameservers are kept only of this family, and for
+        6 the (IPv4-only) ``broadcast`` too. A family without a VIP raises
+        ``ConfigError``.
+        """
+        if family not in (4, 6):
+            raise ValueError(f"family must be 4 or 6, not {family!r}")
+        if family not in self.families():
+            raise ConfigError([Problem(
+                self.path, 0, f"-{family}: the configuration has no VIP{family}")])
+        nameservers = tuple(ns for ns in self.nameservers if ns.version == family)
+        if family == 4:
+            return dataclasses.replace(
+                self, vip6=None, vip6_prefix=None, servers6=(), rip6=None,
+                private_gw6=None, nameservers=nameservers)
+        return dataclasses.replace(
+            self, vip4=None, vip4_prefix=None, servers4=(), rip4=None,
+            private_gw4=None, broadcast=None, nameservers=nameservers)
+
+
+# --------------------------------------------------------------------------
+# Words of a line, split as sh splits them
+
+
+class _Bad(Exception):
+    """A value or line that cannot be used; its text becomes a Problem message."""
+
+
+class _Expansion(_Bad):
+    """sh would expand something in a word; ``word`` is its raw text."""
+
+    def __init__(self, word: str) -> None:
+        super().__init__(word)
+        self.word = word
+
+
+_BLANKS = " \t"
+_OPERATORS = frozenset(";&|<>()")
+_DQUOTE_ESCAPES = frozenset('$`"\\')
+
+
+def _words(line: str) -> list[str]:
+    """Split ``line`` into words with sh's quoting rules, up to a comment.
+
+    Not ``shlex``: it ends a word at a ``#`` in its middle, where sh does not,
+    so ``public_NIC=eth#0`` would silently become ``eth``. A ``$`` or backquote
+    outside single quotes raises ``_Expansion`` at once: what follows it (a
+    command substitution, say) need not be split as plain words are.
+    """
+    words: list[str] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in _BLANKS:
+            i += 1
+        if i >= n or line[i] == "#":
+            return words
+        start = i
+        buf: list[str] = []
+        while i < n and line[i] not in _BLANKS:
+            c = line[i]
+            if c == "\\":
+                if i + 1 >= n:
+                    raise _Bad("a '\\' at the end of a line continues it in sh, "
+                               "which loaded does not support")
+                buf.append(line[i + 1])
+                i += 2
+            elif c == "'":
+                end = line.find("'", i + 1)
+                if end < 0:
+                    raise _Bad("unterminated ' quote")
+                buf.append(line[i + 1:end])
+                i = end + 1
+            elif c == '"':
+                i += 1
+                while True:
+                    if i >= n:
+                        raise _Bad('unterminated " quote')
+                    c = line[i]
+                    if c == '"':
+                        i += 1
+                        break
+                    if c == "\\" and i + 1 < n and line[i + 1] in _DQUOTE_ESCAPES:
+                        buf.append(line[i + 1])
+                        i += 2
+                        continue
+                    if c in "$`":
+                        raise _Expansion(_raw_word(line, start))
+                    buf.append(c)
+                    i += 1
+            elif c in "$`":
+                raise _Expansion(_raw_word(line, start))
+            elif c in _OPERATORS:
+                raise _Bad(f"shell operator {c!r} is not allowed on a line loaded reads")
+            else:
+                buf.append(c)
+                i += 1
+        words.append("".join(buf))
+
+
+def _raw_word(line: str, start: int) -> str:
+    end = start
+    while end < len(line) and line[end] not in _BLANKS:
+        end += 1
+    return line[start:end]
+
+
+# --------------------------------------------------------------------------
+# Values
+
+
+_DIGITS = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ASSIGN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_SPACED_ASSIGN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)[ \t]+=")
+_DECLARED = re.compile(r"(export|readonly|local|declare|typeset)[ \t]+"
+                       r"(?:-[A-Za-z]+[ \t]+)*([A-Za-z_][A-Za-z0-9_]*)=")
+_FAILOVER_WORD = re.compile(r"failover(?:[ \t#]|\Z)")
+
+_TRUE = frozenset({"yes", "1", "true", "on"})
+_FALSE = frozenset({"no", "0", "false", "off"})
+_STATES = {"up": State.UP, "down": State.DOWN, "drain": State.DRAINING,
+           "draining": State.DRAINING}
+
+
+def _q(value: str) -> str:
+    """``value`` quoted for a message, cut short if it is long."""
+    return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+
+
+def _int(value: str, lo: int, hi: int) -> int:
+    if not _DIGITS.fullmatch(value):
+        raise _Bad(f"{_q(value)} is not a whole number")
+    digits = value.lstrip("0") or "0"
+    # int() refuses strings over a few thousand digits; anything this long is
+    # out of range anyway.
+    n = int(digits) if len(digits) <= 20 else hi + 1
+    if not lo <= n <= hi:
+        raise _Bad(f"{_q(value)} is out of range {lo}..{hi}")
+    return n
+
+
+def _seconds(value: str, lo: float, hi: float, lo_inclusive: bool = True) -> float:
+    if len(value) > 40 or not _DECIMAL.fullmatch(value):
+        raise _Bad(f"{_q(value)} is not a number of seconds")
+    s = float(value)
+    low_ok = s >= lo if lo_inclusive else s > lo
+    if not (low_ok and s <= hi and math.isfinite(s)):
+        low = f"{lo:g} <= s" if lo_inclusive else f"{lo:g} < s"
+        raise _Bad(f"{_q(value)} is out of range {low} <= {hi:g}")
+    return s
+
+
+def _bool(value: str) -> bool:
+    v = value.lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise _Bad(f"{_q(value)} is not yes or no (also accepted: 1/0, true/false, on/off)")
+
+
+def _choice(value: str, choices: frozenset[str], what: str) -> str:
+    if value not in choices:
+        raise _Bad(f"{_q(value)} is not a {what} (known: {', '.join(sorted(choices))})")
+    return value
+
+
+def _address(value: str, family: int | None) -> IPAddress:
+    """An address of ``family`` (4, 6, or None for either)."""
+    want = {4: "IPv4 address", 6: "IPv6 address", None: "IP address"}[family]
+    if "%" in value:
+        raise _Bad(f"{_q(value)}: a zone index ('%...') is not allowed")
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise _Bad(f"{_q(value)} is not a valid {want}") from None
+    if family is not None and ip.version != family:
+        raise _Bad(f"{_q(value)} is an IPv{ip.version} address, not IPv{family}")
+    return ip
+
+
+def _check_unicast(value: str, ip: IPAddress, allow_loopback: bool = False) -> None:
+    if ip.is_unspecified:
+        raise _Bad(f"{_q(value)} is the unspecified address")
+    if ip.is_multicast:
+        raise _Bad(f"{_q(value)} is a multicast address")
+    if ip.is_loopback and not allow_loopback:
+        raise _Bad(f"{_q(value)} is a loopback address")
+    if isinstance(ip, IPv4Address) and ip == IPv4Address("255.255.255.255"):
+        raise _Bad(f"{_q(value)} is the limited broadcast address")
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        raise _Bad(f"{_q(value)} is an IPv4-mapped address; use the IPv4 form and key")
+
+
+def _network(value: str, family: int) -> IPv4Network | IPv6Network:
+    if "%" in value:
+        raise _Bad(f"{_q(value)}: a zone index ('%...') is not allowed")
+    try:
+        net = ipaddress.ip_network(value)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise _Bad(f"{_q(value)} is not a valid IPv{family} network "
+                       f"(address/prefix)") from None
+        if loose.version != family:
+            raise _Bad(f"{_q(value)} is an IPv{loose.version} network, not IPv{family}") from None
+        raise _Bad(f"{_q(value)} has host bits set (the network is {loose})") from None
+    if net.version != family:
+        raise _Bad(f"{_q(value)} is an IPv{net.version} network, not IPv{family}")
+    return net
+
+
+def _ifname(value: str) -> str:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise _Bad(f"{_q(value)} is not valid text") from None
+    if size >= IFNAMSIZ:
+        raise _Bad(f"{_q(value)} is too long for an interface name (at most "
+                   f"{IFNAMSIZ - 1} bytes)")
+    if value in (".", ".."):
+        raise _Bad(f"{_q(value)} is not a valid interface name")
+    for c in value:
+        if c in "/:\0" or c.isspace():
+            raise _Bad(f"{_q(value)} is not a valid interface name ({c!r} is not allowed)")
+    return value
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+# --------------------------------------------------------------------------
+# The parser
+
+
+@dataclass(frozen=True, slots=True)
+class _Line:
+    no: int
+    key: str
+    value: str
+    options: tuple[tuple[str, str], ...]
+
+
+# Keys that may be given once. private_GW is once per family, checked apart.
+_SINGLE = frozenset({
+    "VIP4", "VIP6", "strategy", "broadcast", "port_alive", "check_cycle", "nfq_len",
+    "failover", "VIP4net", "VIP6net", "FIRST_CORE", "LAST_CORE", "RIP4", "RIP6",
+    "public_NIC", "private_NIC", "client_timeout", "client_table_max", "datapath",
+    "fail_open", "gso",
+})
+_MULTI = frozenset({"server4", "server6", "NS", "private_GW"})
+KEYS: frozenset[str] = _SINGLE | _MULTI
+_SERVER_OPTIONS = ("state", "weight")
+_FAMILY_KEY = {"server4": 4, "server6": 6}
+
+
+class _Parser:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.problems: list[Problem] = []
+        self.first_line: dict[str, int] = {}  # key -> line it was first set on
+        self.crlf_warned = False
+
+        self.vip4: IPv4Address | None = None
+        self.vip4_prefix: int | None = None
+        self.vip6: IPv6Address | None = None
+        self.vip6_prefix: int | None = None
+        self.servers: dict[int, list[BackendSpec]] = {4: [], 6: []}
+        self.server_lines: dict[int, list[int]] = {4: [], 6: []}  # even invalid ones
+        self.strategy = "rr"
+        self.table_size = MAGLEV_DEFAULT_TABLE
+        self.broadcast: IPv4Address | None = None
+        self.port_alive = 80
+        self.check_cycle = 30.0
+        self.nfq_len = 4096
+        self.failover = False
+        self.nameservers: list[tuple[IPAddress, int]] = []
+        self.first_core = 0
+        self.last_core = 0
+        self.rip4: IPv4Network | None = None
+        self.rip6: IPv6Network | None = None
+        self.public_nic: str | None = None
+        self.private_nic: str | None = None
+        self.private_gw4: IPv4Address | None = None
+        self.private_gw6: IPv6Address | None = None
+        self.gw_lines: dict[int, int] = {}
+        self.client_timeout = 300.0
+        self.client_table_max = 1_000_000
+        self.datapath = "perpacket"
+        self.fail_open = False
+        self.gso = True
+
+        self.handlers: dict[str, Callable[[_Line], None]] = {
+            "VIP4": self._vip, "VIP6": self._vip,
+            "server4": self._server, "server6": self._server,
+            "strategy": self._strategy,
+            "broadcast": self._broadcast,
+            "port_alive": self._port_alive,
+            "check_cycle": self._check_cycle,
+            "nfq_len": self._nfq_len,
+            "failover": self._failover,
+            "VIP4net": self._vip_prefix, "VIP6net": self._vip_prefix,
+            "NS": self._ns,
+            "FIRST_CORE": self._core, "LAST_CORE": self._core,
+            "RIP4": self._rip, "RIP6": self._rip,
+            "public_NIC": self._nic, "private_NIC": self._nic,
+            "private_GW": self._private_gw,
+            "client_timeout": self._client_timeout,
+            "client_table_max": self._client_table_max,
+            "datapath": self._datapath,
+            "fail_open": self._fail_open,
+            "gso": self._gso,
+        }
+        assert set(self.handlers) == KEYS
+
+    # -- reporting
+
+    def error(self, line: int, message: str) -> None:
+        self.problems.append(Problem(self.path, line, message))
+
+    def warn(self, line: int, message: str) -> None:
+        self.problems.append(Problem(self.path, line, message, "warning"))
+
+    # -- lines
+
+    def feed(self, text: str) -> None:
+        text = text.removeprefix("\ufeff")
+        # Split on newlines only: str.splitlines also splits on form feeds and
+        # Unicode separators, which would shift line numbers from an editor's.
+        for no, raw in enumerate(text.split("\n"), 1):
+            if raw.endswith("\r"):
+                raw = raw[:-1]
+                if not self.crlf_warned:
+                    self.crlf_warned = True
+                    self.warn(no, "line ends in a carriage return (DOS line endings): "
+                                  "the shell part of this file will not run")
+            line = raw.lstrip(_BLANKS)
+            if not line or line.startswith("#"):
+                continue
+            m = _ASSIGN.match(line)
+            if m is None:
+                self._other(no, line)
+                continue
+            key = m.group()[:-1]
+            if key not in KEYS:
+                self.warn(no, f"unknown key {_q(key)} ignored{_suggest(key)}")
+                continue
+            # Record the line before its value is checked, so that a bad value
+            # does not also cause "VIP4 is not set" or "no backends" errors.
+            if key in _SINGLE:
+                first = self.first_line.get(key)
+                if first is not None:
+                    self.error(no, f"{key} set twice, first on line {first}")
+                    continue
+                self.first_line[key] = no
+            elif key in _FAMILY_KEY:
+                self.server_lines[_FAMILY_KEY[key]].append(no)
+            parsed = self._split(no, key, line)
+            if parsed is None:
+                continue
+            try:
+                self.handlers[key](parsed)
+            except _Bad as e:
+                self.error(no, f"{key}: {e}")
+
+    def _split(self, no: int, key: str, line: str) -> _Line | None:
+        """The value and options of a ``key=`` line, or None after reporting why not."""
+        try:
+            words = _words(line)
+        except _Expansion as e:
+            word = e.word.removeprefix(f"{key}=")
+            self.error(no, f"{key}: {_q(word)} uses shell expansion, which loaded cannot "
+                           f"evaluate; write the value itself")
+            return None
+        except _Bad as e:
+            self.error(no, f"{key}: {e}")
+            return None
+        value = words[0][len(key) + 1:]
+        if not value:
+            hint = " (no blanks allowed after '=')" if len(words) > 1 else ""
+            self.error(no, f"{key}: empty value{hint}")
+            return None
+        ok = True
+        options: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for w in words[1:]:
+            name, eq, val = w.partition("=")
+            if not eq or not _NAME.fullmatch(name):
+                self.error(no, f"{key}: unexpected word {_q(w)} "
+                               f"(options are written name=value)")
+                ok = False
+            elif name in seen:
+                self.error(no, f"{key}: option {_q(name)} given twice")
+                ok = False
+            else:
+                seen.add(name)
+                options.append((name, val))
+        return _Line(no, key, value, tuple(options)) if ok else None
+
+    def _other(self, no: int, line: str) -> None:
+        """A line that is not ``name=...``: shell, unless it is clearly meant for us."""
+        if _FAILOVER_WORD.match(line):
+            try:
+                words = _words(line)
+            except _Expansion as e:
+                self.error(no, f"failover: {_q(e.word)} uses shell expansion, which loaded "
+                               f"cannot evaluate")
+                return
+            except _Bad as e:
+                self.error(no, f"failover: {e}")
+                return
+            if len(words) > 1:
+                self.error(no, f"failover: unexpected word {_q(words[1])} (write "
+                               f"'failover' alone or failover=yes)")
+                return
+            first = self.first_line.get("failover")
+            if first is not None:
+                self.error(no, f"failover set twice, first on line {first}")
+                return
+            self.first_line["failover"] = no
+            self.failover = True
+            return
+        m = _SPACED_ASSIGN.match(line)
+        if m and m.group(1) in KEYS:
+            key = m.group(1)
+            self.error(no, f"{key}: no blanks allowed around '=' (sh runs {key!r} as a "
+                           f"command, and loaded reads only {key}=value)")
+            return
+        m = _DECLARED.match(line)
+        if m and m.group(2) in KEYS:
+            self.warn(no, f"{m.group(2)}: loaded reads only lines starting with "
+                          f"'{m.group(2)}=', so this '{m.group(1)}' line is ignored")
+
+    @staticmethod
+    def _no_options(ln: _Line, allowed: Sequence[str] = ()) -> None:
+        for name, val in ln.options:
+            if name not in allowed:
+                if allowed:
+                    raise _Bad(f"unknown option '{name}={val}' (known: {', '.join(allowed)})")
+                raise _Bad(f"takes no options, got '{name}={val}'")
+
+    # -- keys
+
+    def _vip(self, ln: _Line) -> None:
+        self._no_options(ln)
+        family = 4 if ln.key == "VIP4" else 6
+        ip = _address(ln.value, family)
+        _check_unicast(ln.value, ip)
+        if isinstance(ip, IPv4Address):
+            self.vip4 = ip
+        else:
+            self.vip6 = ip
+
+    def _server(self, ln: _Line) -> None:
+        family = _FAMILY_KEY[ln.key]
+        ip: IPAddress | None = None
+        weight, state = 1, State.UP
+        try:
+            ip = _address(ln.value, family)
+            _check_unicast(ln.value, ip)
+        except _Bad as e:
+            self.error(ln.no, f"{ln.key}: {e}")
+            ip = None
+        ok = True
+        for name, val in ln.options:
+            try:
+                if name == "weight":
+                    weight = _int(val, 0, MAX_WEIGHT)
+                elif name == "state":
+                    if val not in _STATES:
+                        raise _Bad(f"{_q(val)} is not a state (known: up, down, drain, "
+                                   f"draining)")
+                    state = _STATES[val]
+                else:
+                    raise _Bad(f"unknown option '{name}={val}' "
+                               f"(known: {', '.join(_SERVER_OPTIONS)})")
+            except _Bad as e:
+                what = f"{ln.key}: {name}: {e}" if name in _SERVER_OPTIONS else f"{ln.key}: {e}"
+                self.error(ln.no, what)
+                ok = False
+        if ip is not None and ok:
+            self.servers[family].append(BackendSpec(ip, weight, state, ln.no))
+
+    def _strategy(self, ln: _Line) -> None:
+        self.strategy = _choice(ln.value, STRATEGIES, "strategy")
+        if self.strategy != "maglev":
+            for name, val in ln.options:
+                extra = " (only maglev has one)" if name == "table_size" else ""
+                self.error(ln.no, f"strategy: {self.strategy} takes no option "
+                                  f"'{name}={val}'{extra}")
+            return
+        for name, val in ln.options:
+            if name != "table_size":
+                self.error(ln.no, f"strategy: unknown option '{name}={val}' for maglev "
+                                  f"(known: table_size)")
+                continue
+            try:
+                size = _int(val, MAGLEV_MIN_TABLE, MAGLEV_MAX_TABLE)
+                if not _is_prime(size):
+                    raise _Bad(f"{_q(val)} is not a prime")
+            except _Bad as e:
+                self.error(ln.no, f"strategy: table_size: {e}")
+            else:
+                self.table_size = size
+
+    def _broadcast(self, ln: _Line) -> None:
+        self._no_options(ln)
+        ip = _address(ln.value, 4)
+        if ip.is_unspecified or ip.is_loopback or ip.is_multicast:
+            raise _Bad(f"{_q(ln.value)} cannot be a broadcast address")
+        assert isinstance(ip, IPv4Address)
+        self.broadcast = ip
+
+    def _port_alive(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.port_alive = _int(ln.value, 1, 65535)
+
+    def _check_cycle(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.check_cycle = _seconds(ln.value, 0.0, MAX_CHECK_CYCLE, lo_inclusive=False)
+
+    def _nfq_len(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.nfq_len = _int(ln.value, 1, MAX_NFQ_LEN)
+
+    def _failover(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.failover = _bool(ln.value)
+
+    def _vip_prefix(self, ln: _Line) -> None:
+        self._no_options(ln)
+        if ln.key == "VIP4net":
+            self.vip4_prefix = _int(ln.value, 0, 32)
+        else:
+            self.vip6_prefix = _int(ln.value, 0, 128)
+
+    def _ns(self, ln: _Line) -> None:
+        self._no_options(ln)
+        ip = _address(ln.value, None)
+        if ip.is_unspecified or ip.is_multicast:
+            raise _Bad(f"{_q(ln.value)} cannot be a nameserver address")
+        for other, first in self.nameservers:
+            if other == ip:
+                self.warn(ln.no, f"NS: {ip} listed twice, first on line {first}")
+                return
+        self.nameservers.append((ip, ln.no))
+
+    def _core(self, ln: _Line) -> None:
+        self._no_options(ln)
+        n = _int(ln.value, 0, MAX_QUEUE)
+        if ln.key == "FIRST_CORE":
+            self.first_core = n
+        else:
+            self.last_core = n
+
+    def _rip(self, ln: _Line) -> None:
+        self._no_options(ln)
+        net = _network(ln.value, 4 if ln.key == "RIP4" else 6)
+        if isinstance(net, IPv4Network):
+            self.rip4 = net
+        else:
+            self.rip6 = net
+
+    def _nic(self, ln: _Line) -> None:
+        self._no_options(ln)
+        name = _ifname(ln.value)
+        if ln.key == "public_NIC":
+            self.public_nic = name
+        else:
+            self.private_nic = name
+
+    def _private_gw(self, ln: _Line) -> None:
+        self._no_options(ln)
+        addr, slash, prefix = ln.value.partition("/")
+        ip = _address(addr, None)
+        if slash:
+            try:
+                _int(prefix, 0, ip.max_prefixlen)
+            except _Bad as e:
+                raise _Bad(f"{_q(ln.value)}: bad prefix length: {e}") from None
+        _check_unicast(ln.value, ip)
+        first = self.gw_lines.get(ip.version)
+        if first is not None:
+            raise _Bad(f"IPv{ip.version} address set twice, first on line {first}")
+        self.gw_lines[ip.version] = ln.no
+        if isinstance(ip, IPv4Address):
+            self.private_gw4 = ip
+        else:
+            self.private_gw6 = ip
+
+    def _client_timeout(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.client_timeout = _seconds(ln.value, 1.0, MAX_CLIENT_TIMEOUT)
+
+    def _client_table_max(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.client_table_max = _int(ln.value, 1, MAX_CLIENT_TABLE)
+
+    def _datapath(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.datapath = _choice(ln.value, DATAPATHS, "datapath")
+
+    def _fail_open(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.fail_open = _bool(ln.value)
+
+    def _gso(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.gso = _bool(ln.value)
+
+    # -- checks across lines
+
+    def cross_check(self) -> None:
+        vips: dict[int, IPAddress | None] = {4: self.vip4, 6: self.vip6}
+        rips: dict[int, IPv4Network | IPv6Network | None] = {4: self.rip4, 6: self.rip6}
+        gws: dict[int, IPAddress | None] = {4: self.private_gw4, 6: self.private_gw6}
+        if not any(f"VIP{f}" in self.first_line for f in (4, 6)):
+            self.error(0, "no VIP4 or VIP6 set: nothing to balance")
+        for f in (4, 6):
+            vip_line = self.first_line.get(f"VIP{f}")
+            vip = vips[f]
+            lines = self.server_lines[f]
+            if vip_line is None and lines:
+                self.error(lines[0], f"server{f} given but VIP{f} is not set")
+            if vip is not None and vip_line is not None and not lines:
+                self.error(vip_line, f"VIP{f} {vip} has no backends: add server{f} lines")
+            seen: dict[IPAddress, int] = {}
+            for b in self.servers[f]:
+                if vip is not None and b.ip == vip:
+                    self.error(b.line, f"server{f}: {b.ip} is VIP{f} itself "
+                                       f"(line {vip_line})")
+                if b.ip in seen:
+                    self.error(b.line, f"server{f}: {b.ip} listed twice, first on line "
+                                       f"{seen[b.ip]}")
+                else:
+                    seen[b.ip] = b.line
+                rip = rips[f]
+                if rip is not None and b.ip not in rip:
+                    self.warn(b.line, f"server{f}: {b.ip} is outside RIP{f} {rip}")
+            gw = gws[f]
+            if gw is not None:
+                gw_line = self.gw_lines[f]
+                if gw == vip:
+                    self.error(gw_line, f"private_GW: {gw} is also VIP{f} (line {vip_line})")
+                if gw in seen:
+                    self.error(gw_line, f"private_GW: {gw} is also a backend "
+                                        f"(line {seen[gw]})")
+                rip = rips[f]
+                if rip is not None and gw not in rip:
+                    self.warn(gw_line, f"private_GW: {gw} is outside RIP{f} {rip}")
+            prefix_line = self.first_line.get(f"VIP{f}net")
+            if prefix_line is not None and vip_line is None:
+                self.warn(prefix_line, f"VIP{f}net is set but VIP{f} is not")
+        if (self.broadcast is not None and self.rip4 is not None
+                and self.broadcast not in self.rip4
+                and self.broadcast != IPv4Address("255.255.255.255")):
+            self.warn(self.first_line["broadcast"],
+                      f"broadcast: {self.broadcast} is outside RIP4 {self.rip4}, so the "
+                      f"failover check will not reach the backends")
+        if self.first_core > self.last_core:
+            line = self.first_line.get("LAST_CORE") or self.first_line.get("FIRST_CORE", 0)
+            self.error(line, f"FIRST_CORE {self.first_core} is greater than LAST_CORE "
+                             f"{self.last_core}")
+
+    def result(self) -> Config:
+        self.cross_check()
+        # Whole-file problems (line 0) go last, after those with a place.
+        problems = sorted(self.problems, key=lambda p: (p.line == 0, p.line))
+        if any(p.severity == "error" for p in problems):
+            raise ConfigError(problems)
+        return Config(
+            path=self.path,
+            vip4=self.vip4,
+            vip4_prefix=self.vip4_prefix,
+            vip6=self.vip6,
+            vip6_prefix=self.vip6_prefix,
+            servers4=tuple(self.servers[4]),
+            servers6=tuple(self.servers[6]),
+            strategy=self.strategy,
+            maglev_table_size=self.table_size,
+            broadcast=self.broadcast,
+            port_alive=self.port_alive,
+            check_cycle=self.check_cycle,
+            nfq_len=self.nfq_len,
+            failover=self.failover,
+            nameservers=tuple(ip for ip, _ in self.nameservers),
+            first_core=self.first_core,
+            last_core=self.last_core,
+            rip4=self.rip4,
+            rip6=self.rip6,
+            public_nic=self.public_nic,
+            private_nic=self.private_nic,
+            private_gw4=self.private_gw4,
+            private_gw6=self.private_gw6,
+            client_timeout=self.client_timeout,
+            client_table_max=self.client_table_max,
+            datapath=self.datapath,
+            fail_open=self.fail_open,
+            gso=self.gso,
+            warnings=tuple(problems),
+        )
+
+
+def _suggest(key: str) -> str:
+    for known in sorted(KEYS):
+        if known.lower() == key.lower():
+            return f" (did you mean {known!r}?)"
+    close = difflib.get_close_matches(key, sorted(KEYS), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_config(text: str, path: str = "<config>") -> Config:
+    """Parse and check a configuration; raise ``ConfigError`` listing every problem."""
+    parser = _Parser(path)
+    parser.feed(text)
+    return parser.result()
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read ``path`` (UTF-8) and parse it; unreadable files raise ``ConfigError`` too."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError([Problem(name, 0, f"cannot read: {e.strerror or e}")]) from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError([Problem(
+            name, line, f"not valid UTF-8 (byte 0x{data[e.start]:02x})")]) from e
+    return parse_config(text, name)

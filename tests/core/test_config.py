@@ -1,0 +1,768 @@
+"""Tests of the configuration parser (loaded.core.config)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loaded.core.config import (
+    KEYS,
+    STRATEGIES,
+    BackendSpec,
+    Config,
+    load_config,
+    parse_config,
+)
+from loaded.core.errors import ConfigError, Problem
+from loaded.core.pool import State
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+V4 = "VIP4=198.18.0.10\nserver4=198.19.0.1\n"
+V6 = "VIP6=2001:db8:1::10\nserver6=2001:db8:2::1\n"
+
+
+def parse(text: str) -> Config:
+    return parse_config(text, "t.conf")
+
+
+def problems(text: str) -> list[Problem]:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    return info.value.problems
+
+
+def errors(text: str) -> list[str]:
+    return [str(p) for p in problems(text) if p.severity == "error"]
+
+
+def only_error(text: str) -> Problem:
+    errs = [p for p in problems(text) if p.severity == "error"]
+    assert len(errs) == 1, errs
+    return errs[0]
+
+
+def warnings(text: str) -> list[str]:
+    return [str(p) for p in parse(text).warnings]
+
+
+# --------------------------------------------------------------------------
+# Basics and defaults
+
+
+def test_minimal_ipv4_and_defaults() -> None:
+    c = parse(V4)
+    assert c.path == "t.conf"
+    assert c.vip4 == IPv4Address("198.18.0.10")
+    assert c.servers4 == (BackendSpec(IPv4Address("198.19.0.1"), 1, State.UP, 2),)
+    assert c.vip6 is None and c.servers6 == ()
+    assert (c.strategy, c.maglev_table_size) == ("rr", 65537)
+    assert (c.port_alive, c.check_cycle, c.nfq_len, c.failover) == (80, 30.0, 4096, False)
+    assert (c.first_core, c.last_core) == (0, 0)
+    assert (c.client_timeout, c.client_table_max) == (300.0, 1_000_000)
+    assert (c.datapath, c.fail_open, c.gso) == ("perpacket", False, True)
+    assert c.nameservers == () and c.warnings == ()
+    assert c.families() == (4,)
+
+
+def test_minimal_ipv6() -> None:
+    c = parse(V6)
+    assert c.vip6 == IPv6Address("2001:db8:1::10")
+    assert c.servers6[0].ip == IPv6Address("2001:db8:2::1")
+    assert c.families() == (6,)
+
+
+def test_dual_families() -> None:
+    assert parse(V4 + V6).families() == (4, 6)
+
+
+def test_config_is_frozen() -> None:
+    c = parse(V4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.strategy = "lc"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------
+# Lines: shell, comments, quoting
+
+
+SHELL = """#!/bin/sh
+modprobe nfnetlink_queue || true
+iptables -F
+iptables -t mangle -A PREROUTING -d $VIP4 -j NFQUEUE --queue-balance $FIRST_CORE:$LAST_CORE
+ip addr add $VIP4/$VIP4net dev $public_NIC 2>/dev/null || true
+if [ -n "$VIP4" ]; then
+\techo 1 > /proc/sys/net/ipv4/ip_forward
+fi
+for i in $public_NIC $private_NIC all default; do
+\techo 0 > /proc/sys/net/ipv4/conf/$i/send_redirects
+done
+sysctl -w net.ipv4.ip_forward=1
+[ -x /sbin/foo ] && /sbin/foo
+"""
+
+
+def test_shell_lines_are_ignored_silently() -> None:
+    c = parse(SHELL + V4 + SHELL)
+    assert c.vip4 == IPv4Address("198.18.0.10")
+    assert c.warnings == ()
+
+
+def test_comments_and_blank_lines() -> None:
+    c = parse("# VIP4=1.2.3.4\n\n   \n\t# server4=nonsense\n" + V4 + "#failover\n  #failover\n")
+    assert c.vip4 == IPv4Address("198.18.0.10")
+    assert not c.failover
+    assert c.warnings == ()
+
+
+def test_trailing_comments_and_leading_blanks() -> None:
+    c = parse("  VIP4=198.18.0.10\t\t# virtual IP\n\tserver4=198.19.0.1 # first\n"
+              "port_alive=8080 #c\n")
+    assert c.vip4 == IPv4Address("198.18.0.10")
+    assert c.port_alive == 8080
+
+
+@pytest.mark.parametrize("value", [
+    '"198.18.0.10"', "'198.18.0.10'", '"198.18"\'.0.10\'', "198.18.0.1\\0",
+    '"198.18.0.10" # comment',
+])
+def test_quoted_values(value: str) -> None:
+    assert parse(f"VIP4={value}\nserver4=198.19.0.1\n").vip4 == IPv4Address("198.18.0.10")
+
+
+def test_hash_inside_a_word_is_not_a_comment() -> None:
+    # sh reads eth#0 as one word; shlex would have cut it to "eth".
+    assert parse(V4 + "public_NIC=eth#0\n").public_nic == "eth#0"
+
+
+def test_quoted_hash_and_blank() -> None:
+    p = only_error(V4 + "public_NIC='eth 0'\n")
+    assert "'eth 0'" in p.message and p.line == 3
+
+
+@pytest.mark.parametrize("line", [
+    "VIP4=$X", 'VIP4="$X"', "VIP4=${X}", "VIP4=`cat vip`", 'VIP4="$(cat vip)"',
+    "VIP4=198.18.0.$N",
+])
+def test_shell_expansion_is_an_error(line: str) -> None:
+    p = only_error(line + "\nserver4=198.19.0.1\n")
+    assert p.line == 1
+    assert "shell expansion" in p.message and p.message.startswith("VIP4: ")
+
+
+def test_single_quoted_dollar_is_literal_and_invalid() -> None:
+    p = only_error("VIP4='$X'\nserver4=198.19.0.1\n")
+    assert p.message == "VIP4: '$X' is not a valid IPv4 address"
+
+
+def test_escaped_dollar_is_literal() -> None:
+    assert parse(V4 + "public_NIC=eth\\$0\n").public_nic == "eth$0"
+
+
+def test_expansion_in_option_is_an_error() -> None:
+    p = only_error("VIP4=198.18.0.10\nserver4=198.19.0.1 weight=$W\n")
+    assert p.line == 2 and "weight=$W" in p.message and "expansion" in p.message
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ("VIP4=198.18.0.10;", "';'"),
+    ("VIP4=198.18.0.10 && echo", "'&'"),
+    ("VIP4=198.18.0.10 >/dev/null", "'>'"),
+    ('VIP4="198.18.0.10', 'unterminated " quote'),
+    ("VIP4='198.18.0.10", "unterminated ' quote"),
+    ("VIP4=198.18.0.10 \\", "continues"),
+])
+def test_unusable_shell_on_a_key_line(line: str, fragment: str) -> None:
+    p = only_error(line + "\nserver4=198.19.0.1\n")
+    assert p.line == 1 and fragment in p.message
+
+
+def test_extra_word_is_an_error() -> None:
+    p = only_error("VIP4=198.18.0.10 198.18.0.11\nserver4=198.19.0.1\n")
+    assert p.message.startswith("VIP4: unexpected word '198.18.0.11'")
+
+
+def test_empty_value() -> None:
+    p = only_error("VIP4=198.18.0.10\nserver4=198.19.0.1\nstrategy=\n")
+    assert (p.line, p.message) == (3, "strategy: empty value")
+    p = only_error("VIP4=198.18.0.10\nserver4=198.19.0.1\nstrategy= rr\n")
+    assert p.message == "strategy: empty value (no blanks allowed after '=')"
+
+
+def test_blanks_around_equals_on_known_key_is_an_error() -> None:
+    p = only_error("VIP4 = 198.18.0.10\nVIP4=198.18.0.10\nserver4=198.19.0.1\n")
+    assert p.line == 1 and "no blanks allowed around '='" in p.message
+
+
+def test_blanks_around_equals_on_other_words_is_shell() -> None:
+    assert parse(V4 + "test = 3\n").warnings == ()
+
+
+def test_export_of_known_key_warns() -> None:
+    w = warnings(V4 + "export VIP6=2001:db8:1::10\n")
+    assert len(w) == 1 and w[0].startswith("t.conf:3: warning: VIP6:")
+
+
+def test_crlf_line_endings_warn_once_and_parse() -> None:
+    c = parse(V4.replace("\n", "\r\n") + "port_alive=81\r\n")
+    assert c.port_alive == 81
+    assert [p.line for p in c.warnings] == [1]
+    assert "carriage return" in c.warnings[0].message
+
+
+def test_byte_order_mark_is_ignored() -> None:
+    assert parse("\ufeff" + V4).vip4 == IPv4Address("198.18.0.10")
+
+
+def test_line_numbers_count_only_newlines() -> None:
+    # A form feed is not a line break for an editor or for sh's line numbers.
+    p = only_error("# a\x0cb\nVIP4=x\nserver4=198.19.0.1\n")
+    assert p.line == 2
+
+
+# --------------------------------------------------------------------------
+# Unknown keys
+
+
+def test_unknown_key_warns_with_file_and_line() -> None:
+    c = parse(V4 + "FOO=bar\n  i=0\n")
+    assert [str(w) for w in c.warnings] == [
+        "t.conf:3: warning: unknown key 'FOO' ignored",
+        "t.conf:4: warning: unknown key 'i' ignored",
+    ]
+
+
+@pytest.mark.parametrize(("key", "suggestion"), [
+    ("vip4", "VIP4"), ("Server4", "server4"), ("nfq_lem", "nfq_len"),
+])
+def test_unknown_key_suggests_a_known_one(key: str, suggestion: str) -> None:
+    (w,) = parse(V4 + f"{key}=1\n").warnings
+    assert w.severity == "warning" and f"did you mean {suggestion!r}" in w.message
+
+
+def test_warnings_travel_with_errors() -> None:
+    ps = problems("FOO=1\nVIP4=bad\nserver4=198.19.0.1\n")
+    assert [(p.line, p.severity) for p in ps] == [(1, "warning"), (2, "error")]
+
+
+# --------------------------------------------------------------------------
+# Every key, valid values
+
+
+@pytest.mark.parametrize(("line", "field", "expected"), [
+    ("VIP4net=24", "vip4_prefix", 24),
+    ("VIP4net=0", "vip4_prefix", 0),
+    ("VIP4net=32", "vip4_prefix", 32),
+    ("strategy=weighted", "strategy", "weighted"),
+    ("strategy=wrr", "strategy", "wrr"),
+    ("strategy=lc", "strategy", "lc"),
+    ("strategy=sh", "strategy", "sh"),
+    ("strategy=maglev", "strategy", "maglev"),
+    ("broadcast=198.19.0.255", "broadcast", IPv4Address("198.19.0.255")),
+    ("broadcast=255.255.255.255", "broadcast", IPv4Address("255.255.255.255")),
+    ("port_alive=1", "port_alive", 1),
+    ("port_alive=65535", "port_alive", 65535),
+    ("check_cycle=0.5", "check_cycle", 0.5),
+    ("check_cycle=86400", "check_cycle", 86400.0),
+    ("nfq_len=1", "nfq_len", 1),
+    ("nfq_len=1048576", "nfq_len", 1048576),
+    ("nfq_len=0001000", "nfq_len", 1000),
+    ("failover", "failover", True),
+    ("failover\t# on", "failover", True),
+    ("NS=198.18.0.53", "nameservers", (IPv4Address("198.18.0.53"),)),
+    ("NS=2001:db8:1::53", "nameservers", (IPv6Address("2001:db8:1::53"),)),
+    ("FIRST_CORE=0", "first_core", 0),
+    ("LAST_CORE=7", "last_core", 7),
+    ("RIP4=198.19.0.0/24", "rip4", IPv4Network("198.19.0.0/24")),
+    ("RIP4=198.19.0.1", "rip4", IPv4Network("198.19.0.1/32")),
+    ("RIP6=2001:db8:2::/64", "rip6", IPv6Network("2001:db8:2::/64")),
+    ("RIP6=2001:db8:2::1", "rip6", IPv6Network("2001:db8:2::1/128")),
+    ("public_NIC=eth0", "public_nic", "eth0"),
+    ("private_NIC=enp3s0f1.100", "private_nic", "enp3s0f1.100"),
+    ("private_NIC=abcdefghijklmno", "private_nic", "abcdefghijklmno"),
+    ("private_GW=198.19.0.254", "private_gw4", IPv4Address("198.19.0.254")),
+    ("private_GW=198.19.0.254/24", "private_gw4", IPv4Address("198.19.0.254")),
+    ("private_GW=2001:db8:2::fffe/64", "private_gw6", IPv6Address("2001:db8:2::fffe")),
+    ("client_timeout=1", "client_timeout", 1.0),
+    ("client_timeout=604800", "client_timeout", 604800.0),
+    ("client_timeout=2.5", "client_timeout", 2.5),
+    ("client_table_max=1", "client_table_max", 1),
+    ("client_table_max=100000000", "client_table_max", 100_000_000),
+    ("datapath=conntrack", "datapath", "conntrack"),
+    ("datapath=perpacket", "datapath", "perpacket"),
+    ("fail_open=yes", "fail_open", True),
+    ("fail_open=off", "fail_open", False),
+    ("gso=no", "gso", False),
+    ("gso=TRUE", "gso", True),
+])
+def test_valid_value(line: str, field: str, expected: object) -> None:
+    c = parse(V4 + line + "\n")
+    assert getattr(c, field) == expected
+    assert c.warnings == ()
+
+
+def test_vip6_prefix() -> None:
+    assert parse(V6 + "VIP6net=128\n").vip6_prefix == 128
+
+
+@pytest.mark.parametrize(("word", "expected"), [
+    ("yes", True), ("no", False), ("1", True), ("0", False), ("true", True),
+    ("false", False), ("on", True), ("off", False), ("Yes", True),
+])
+def test_failover_values(word: str, expected: bool) -> None:
+    assert parse(V4 + f"failover={word}\n").failover is expected
+
+
+# --------------------------------------------------------------------------
+# Every key, invalid values
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("server4=198.19.0.300", "server4: '198.19.0.300' is not a valid IPv4 address"),
+    ("server4=2001:db8:2::1", "server4: '2001:db8:2::1' is an IPv6 address, not IPv4"),
+    ("server4=0.0.0.0", "server4: '0.0.0.0' is the unspecified address"),
+    ("server4=127.0.0.1", "server4: '127.0.0.1' is a loopback address"),
+    ("server4=224.0.0.1", "server4: '224.0.0.1' is a multicast address"),
+    ("server4=255.255.255.255", "server4: '255.255.255.255' is the limited broadcast address"),
+    ("server4=010.0.0.1", "server4: '010.0.0.1' is not a valid IPv4 address"),
+    ("server6=198.19.0.1", "server6: '198.19.0.1' is an IPv4 address, not IPv6"),
+    ("server6=::1", "server6: '::1' is a loopback address"),
+    ("server6=ff02::1", "server6: 'ff02::1' is a multicast address"),
+    ("server6=::", "server6: '::' is the unspecified address"),
+    ("server6=fe80::1%eth1", "server6: 'fe80::1%eth1': a zone index ('%...') is not allowed"),
+    ("server6=::ffff:198.19.0.9", "server6: '::ffff:198.19.0.9' is an IPv4-mapped address"),
+    ("VIP4net=33", "VIP4net: '33' is out of range 0..32"),
+    ("VIP4net=-1", "VIP4net: '-1' is not a whole number"),
+    ("VIP6net=129", "VIP6net: '129' is out of range 0..128"),
+    ("strategy=roundrobin", "strategy: 'roundrobin' is not a strategy (known: lc, maglev,"),
+    ("strategy=RR", "strategy: 'RR' is not a strategy"),
+    ("broadcast=2001:db8::ff", "broadcast: '2001:db8::ff' is an IPv6 address, not IPv4"),
+    ("broadcast=0.0.0.0", "broadcast: '0.0.0.0' cannot be a broadcast address"),
+    ("port_alive=0", "port_alive: '0' is out of range 1..65535"),
+    ("port_alive=65536", "port_alive: '65536' is out of range 1..65535"),
+    ("port_alive=http", "port_alive: 'http' is not a whole number"),
+    ("port_alive=+80", "port_alive: '+80' is not a whole number"),
+    ("port_alive=8_0", "port_alive: '8_0' is not a whole number"),
+    ("check_cycle=0", "check_cycle: '0' is out of range 0 < s <= 86400"),
+    ("check_cycle=-5", "check_cycle: '-5' is not a number of seconds"),
+    ("check_cycle=inf", "check_cycle: 'inf' is not a number of seconds"),
+    ("check_cycle=1e3", "check_cycle: '1e3' is not a number of seconds"),
+    ("check_cycle=86401", "out of range"),
+    ("nfq_len=0", "nfq_len: '0' is out of range 1..1048576"),
+    ("nfq_len=1048577", "nfq_len: '1048577' is out of range 1..1048576"),
+    ("failover=maybe", "failover: 'maybe' is not yes or no"),
+    ("failover on", "failover: unexpected word 'on'"),
+    ("NS=ns1.example.net", "NS: 'ns1.example.net' is not a valid IP address"),
+    ("NS=0.0.0.0", "NS: '0.0.0.0' cannot be a nameserver address"),
+    ("FIRST_CORE=-1", "FIRST_CORE: '-1' is not a whole number"),
+    ("LAST_CORE=65536", "LAST_CORE: '65536' is out of range 0..65535"),
+    ("RIP4=198.19.0.1/24",
+     "RIP4: '198.19.0.1/24' has host bits set (the network is 198.19.0.0/24)"),
+    ("RIP4=198.19.0.0/33", "RIP4: '198.19.0.0/33' is not a valid IPv4 network"),
+    ("RIP4=2001:db8:2::/64", "RIP4: '2001:db8:2::/64' is an IPv6 network, not IPv4"),
+    ("RIP4=2001:db8:2::1/64", "RIP4: '2001:db8:2::1/64' is an IPv6 network, not IPv4"),
+    ("RIP6=2001:db8:2::1/64",
+     "RIP6: '2001:db8:2::1/64' has host bits set (the network is 2001:db8:2::/64)"),
+    ("RIP6=198.19.0.0/24", "RIP6: '198.19.0.0/24' is an IPv4 network, not IPv6"),
+    ("public_NIC=abcdefghijklmnop", "public_NIC: 'abcdefghijklmnop' is too long"),
+    ("public_NIC=ethé12345678901", "is too long"),
+    ("public_NIC=eth0:1", "public_NIC: 'eth0:1' is not a valid interface name (':'"),
+    ("public_NIC=a/b", "('/' is not allowed)"),
+    ("public_NIC=.", "public_NIC: '.' is not a valid interface name"),
+    ("private_NIC=..", "private_NIC: '..' is not a valid interface name"),
+    ("private_NIC='eth\t1'", "private_NIC: 'eth\\t1' is not a valid interface name"),
+    ("private_GW=198.19.0.254/33", "private_GW: '198.19.0.254/33': bad prefix length"),
+    ("private_GW=gw", "private_GW: 'gw' is not a valid IP address"),
+    ("private_GW=224.0.0.9/24", "private_GW: '224.0.0.9/24' is a multicast address"),
+    ("client_timeout=0", "client_timeout: '0' is out of range 1 <= s <= 604800"),
+    ("client_timeout=604801", "client_timeout: '604801' is out of range"),
+    ("client_table_max=0", "client_table_max: '0' is out of range 1..100000000"),
+    ("client_table_max=100000001", "client_table_max: '100000001' is out of range"),
+    ("datapath=xdp", "datapath: 'xdp' is not a datapath (known: conntrack, perpacket)"),
+    ("fail_open=2", "fail_open: '2' is not yes or no"),
+    ("gso=", "gso: empty value"),
+    ("VIP4net=24 weight=1", "VIP4net: takes no options, got 'weight=1'"),
+])
+def test_invalid_value(line: str, message: str) -> None:
+    p = only_error(V4 + V6 + line + "\n")
+    assert p.line == 5
+    assert p.severity == "error"
+    assert message in p.message, p.message
+    assert p.message.startswith(line.partition("=")[0].partition(" ")[0] + ": ")
+
+
+def test_invalid_vip6() -> None:
+    p = only_error("VIP6=2001:db8:1:::1\nserver6=2001:db8:2::1\n")
+    assert (p.line, p.message) == (1, "VIP6: '2001:db8:1:::1' is not a valid IPv6 address")
+
+
+def test_long_values_are_shortened_in_messages() -> None:
+    p = only_error(V4 + "port_alive=" + "9" * 5000 + "\n")
+    assert p.message == f"port_alive: '{'9' * 57}'... is out of range 1..65535"
+
+
+def test_problem_text_names_file_line_and_value() -> None:
+    text = "VIP4=198.18.0.10\n\n\n\n\n\nserver4=198.19.0.300\nserver4=198.19.0.1\n"
+    assert errors(text) == [
+        "t.conf:7: error: server4: '198.19.0.300' is not a valid IPv4 address"]
+
+
+# --------------------------------------------------------------------------
+# Several problems, duplicates, cross-line checks
+
+
+def test_all_errors_are_reported_together_in_line_order() -> None:
+    text = "\n".join([
+        "#!/bin/sh",                 # 1
+        "VIP4=198.18.0.300",         # 2
+        "iptables -F",               # 3
+        "server4=198.19.0.1",        # 4
+        "server4=198.19.0.x",        # 5
+        "port_alive=0",              # 6
+        "strategy=fastest",          # 7
+        "FOO=1",                     # 8
+        "nfq_len=abc",               # 9
+    ]) + "\n"
+    ps = problems(text)
+    assert [(p.line, p.severity) for p in ps] == [
+        (2, "error"), (5, "error"), (6, "error"), (7, "error"), (8, "warning"),
+        (9, "error")]
+    # A bad VIP4 line still counts as "VIP4 given": no follow-on errors.
+    assert not any("not set" in p.message or "nothing to balance" in p.message for p in ps)
+
+
+def test_error_carries_problems_and_message() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse("VIP4=x\nserver4=y\n")
+    assert str(info.value) == "\n".join(str(p) for p in info.value.problems)
+    assert len(info.value.problems) == 2
+
+
+@pytest.mark.parametrize("key_line", [
+    "strategy=lc", "port_alive=81", "public_NIC=eth9", "failover",
+    "failover=no", "client_timeout=9", "gso=no",
+])
+def test_single_valued_key_set_twice(key_line: str) -> None:
+    first = key_line.replace("=no", "=yes").replace("81", "80").replace("11", "10")
+    first = first.replace("lc", "rr").replace("eth9", "eth0").replace("=9", "=10")
+    key = key_line.split("=")[0]
+    p = only_error(V4 + first + "\n" + key_line + "\n")
+    assert (p.line, p.message) == (4, f"{key} set twice, first on line 3")
+
+
+def test_vip_set_twice_message() -> None:
+    p = only_error("VIP4=198.18.0.10\nserver4=198.19.0.1\nVIP4=198.18.0.10\n")
+    assert str(p) == "t.conf:3: error: VIP4 set twice, first on line 1"
+
+
+def test_private_gw_once_per_family() -> None:
+    c = parse(V4 + V6 + "private_GW=198.19.0.254/24\nprivate_GW=2001:db8:2::fffe\n")
+    assert c.private_gw4 == IPv4Address("198.19.0.254")
+    assert c.private_gw6 == IPv6Address("2001:db8:2::fffe")
+    p = only_error(V4 + "private_GW=198.19.0.254\nprivate_GW=198.19.0.253\n")
+    assert p.line == 4 and "IPv4 address set twice, first on line 3" in p.message
+
+
+def test_nameservers_repeat_and_duplicate_warns() -> None:
+    c = parse(V4 + "NS=198.18.0.53\nNS=2001:db8:1::53\nNS=198.18.0.54\nNS=198.18.0.53\n")
+    assert c.nameservers == (IPv4Address("198.18.0.53"), IPv6Address("2001:db8:1::53"),
+                             IPv4Address("198.18.0.54"))
+    assert [str(w) for w in c.warnings] == [
+        "t.conf:6: warning: NS: 198.18.0.53 listed twice, first on line 3"]
+
+
+def test_vip_equal_to_backend() -> None:
+    p = only_error("VIP4=198.18.0.10\nserver4=198.19.0.1\nserver4=198.18.0.10\n")
+    assert (p.line, p.message) == (3, "server4: 198.18.0.10 is VIP4 itself (line 1)")
+    p = only_error("VIP6=2001:db8::1\nserver6=2001:db8:0::1\n")
+    assert p.line == 2 and "is VIP6 itself" in p.message
+
+
+def test_duplicate_backend_names_both_lines() -> None:
+    p = only_error("VIP4=198.18.0.10\nserver4=198.19.0.1\nserver4=198.19.0.2\n"
+                   "server4=198.19.0.1 weight=5\n")
+    assert (p.line, p.message) == (4, "server4: 198.19.0.1 listed twice, first on line 2")
+    # Same address, different spelling.
+    p = only_error(V6 + "server6=2001:0db8:0002:0000::0001\n")
+    assert p.line == 3 and "listed twice, first on line 2" in p.message
+
+
+def test_backend_without_its_vip() -> None:
+    p = only_error(V4 + "server6=2001:db8:2::1\nserver6=2001:db8:2::2\n")
+    assert (p.line, p.message) == (3, "server6 given but VIP6 is not set")
+
+
+def test_vip_without_backends() -> None:
+    p = only_error(V4 + "VIP6=2001:db8:1::10\n")
+    assert (p.line, p.message) == (3, "VIP6 2001:db8:1::10 has no backends: add server6 lines")
+
+
+def test_vip_whose_backends_are_all_invalid_reports_only_those() -> None:
+    assert errors("VIP4=198.18.0.10\nserver4=bad\n") == [
+        "t.conf:2: error: server4: 'bad' is not a valid IPv4 address"]
+
+
+def test_no_vip_at_all() -> None:
+    p = only_error("#!/bin/sh\nstrategy=rr\n")
+    assert str(p) == "t.conf: error: no VIP4 or VIP6 set: nothing to balance"
+    assert p.line == 0
+
+
+def test_empty_file() -> None:
+    assert errors("") == ["t.conf: error: no VIP4 or VIP6 set: nothing to balance"]
+
+
+def test_backend_outside_rip_warns() -> None:
+    c = parse(V4 + "RIP4=198.19.1.0/24\nserver4=198.19.1.7\n")
+    assert [str(w) for w in c.warnings] == [
+        "t.conf:2: warning: server4: 198.19.0.1 is outside RIP4 198.19.1.0/24"]
+    c = parse(V6 + "RIP6=2001:db8:3::/64\n")
+    assert "server6: 2001:db8:2::1 is outside RIP6 2001:db8:3::/64" in c.warnings[0].message
+
+
+def test_private_gw_checks() -> None:
+    (w,) = parse(V4 + "RIP4=198.19.0.0/24\nprivate_GW=198.20.0.254/24\n").warnings
+    assert (w.line, w.message) == (4, "private_GW: 198.20.0.254 is outside RIP4 198.19.0.0/24")
+    p = only_error(V4 + "private_GW=198.19.0.1/24\n")
+    assert (p.line, p.message) == (3, "private_GW: 198.19.0.1 is also a backend (line 2)")
+    p = only_error(V4 + "private_GW=198.18.0.10\n")
+    assert (p.line, p.message) == (3, "private_GW: 198.18.0.10 is also VIP4 (line 1)")
+
+
+def test_broadcast_outside_rip_warns() -> None:
+    (w,) = parse(V4 + "RIP4=198.19.0.0/24\nbroadcast=198.18.0.255\n").warnings
+    assert w.line == 4 and "outside RIP4" in w.message
+    assert parse(V4 + "RIP4=198.19.0.0/24\nbroadcast=255.255.255.255\n").warnings == ()
+
+
+def test_prefix_without_vip_warns() -> None:
+    (w,) = parse(V4 + "VIP6net=64\n").warnings
+    assert (w.line, w.message) == (3, "VIP6net is set but VIP6 is not")
+
+
+def test_cores() -> None:
+    c = parse(V4 + "FIRST_CORE=1\nLAST_CORE=3\n")
+    assert (c.first_core, c.last_core) == (1, 3)
+    p = only_error(V4 + "FIRST_CORE=4\nLAST_CORE=3\n")
+    assert (p.line, p.message) == (4, "FIRST_CORE 4 is greater than LAST_CORE 3")
+    # LAST_CORE defaults to 0, so FIRST_CORE alone must be 0.
+    p = only_error(V4 + "FIRST_CORE=2\n")
+    assert (p.line, p.message) == (3, "FIRST_CORE 2 is greater than LAST_CORE 0")
+
+
+# --------------------------------------------------------------------------
+# Extensions
+
+
+def test_backend_options() -> None:
+    c = parse("VIP4=198.18.0.10\nserver4=198.19.0.1 weight=3 state=drain\n"
+              "server4=198.19.0.2 state=down\nserver4=198.19.0.3 weight=0\n"
+              "server4=198.19.0.4 state=draining weight=65535 # comment\n"
+              "server4=198.19.0.5 state=up\n")
+    assert [(b.weight, b.state, b.line) for b in c.servers4] == [
+        (3, State.DRAINING, 2), (1, State.DOWN, 3), (0, State.UP, 4),
+        (65535, State.DRAINING, 5), (1, State.UP, 6)]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ("weight=65536", "server4: weight: '65536' is out of range 0..65535"),
+    ("weight=-1", "server4: weight: '-1' is not a whole number"),
+    ("weight=", "server4: weight: '' is not a whole number"),
+    ("state=sleeping", "server4: state: 'sleeping' is not a state (known: up, down, drain"),
+    ("state=UP", "server4: state: 'UP' is not a state"),
+    ("color=red", "server4: unknown option 'color=red' (known: state, weight)"),
+    ("weight=1 weight=2", "server4: option 'weight' given twice"),
+    ("heavy", "server4: unexpected word 'heavy' (options are written name=value)"),
+    ("=3", "server4: unexpected word '=3'"),
+])
+def test_backend_option_errors(options: str, message: str) -> None:
+    p = only_error(f"VIP4=198.18.0.10\nserver4=198.19.0.9\nserver4=198.19.0.1 {options}\n")
+    assert p.line == 3 and p.message.startswith(message), p.message
+
+
+def test_backend_with_bad_address_and_bad_option_reports_both() -> None:
+    assert errors("VIP4=198.18.0.10\nserver4=198.19.0.9\nserver4=x weight=z\n") == [
+        "t.conf:3: error: server4: 'x' is not a valid IPv4 address",
+        "t.conf:3: error: server4: weight: 'z' is not a whole number",
+    ]
+
+
+def test_strategies_constant() -> None:
+    assert frozenset({"rr", "weighted", "wrr", "lc", "sh", "maglev"}) == STRATEGIES
+
+
+@pytest.mark.parametrize("size", [7, 251, 65537, 1000003])
+def test_maglev_table_size(size: int) -> None:
+    c = parse(V4 + f"strategy=maglev table_size={size}\n")
+    assert (c.strategy, c.maglev_table_size) == ("maglev", size)
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("strategy=maglev table_size=65536", "strategy: table_size: '65536' is not a prime"),
+    ("strategy=maglev table_size=5", "strategy: table_size: '5' is out of range 7..1000003"),
+    ("strategy=maglev table_size=1000033", "out of range 7..1000003"),
+    ("strategy=maglev table_size=big", "strategy: table_size: 'big' is not a whole number"),
+    ("strategy=maglev seed=1", "strategy: unknown option 'seed=1' for maglev"),
+    ("strategy=rr table_size=7", "strategy: rr takes no option 'table_size=7' (only maglev"),
+    ("strategy=lc foo=1", "strategy: lc takes no option 'foo=1'"),
+])
+def test_strategy_option_errors(line: str, message: str) -> None:
+    p = only_error(V4 + line + "\n")
+    assert p.line == 3 and message in p.message, p.message
+
+
+# --------------------------------------------------------------------------
+# restrict()
+
+
+def test_restrict() -> None:
+    c = parse(V4 + V6 + "VIP4net=24\nVIP6net=64\nRIP4=198.19.0.0/24\nRIP6=2001:db8:2::/64\n"
+              "private_GW=198.19.0.254\nprivate_GW=2001:db8:2::fffe\n"
+              "NS=198.18.0.53\nNS=2001:db8:1::53\nbroadcast=198.19.0.255\nFOO=1\n")
+    four = c.restrict(4)
+    assert four.families() == (4,)
+    assert (four.vip4, four.vip4_prefix, four.rip4, four.private_gw4, four.broadcast) == (
+        c.vip4, 24, c.rip4, c.private_gw4, c.broadcast)
+    assert (four.vip6, four.vip6_prefix, four.servers6, four.rip6, four.private_gw6) == (
+        None, None, (), None, None)
+    assert four.servers4 == c.servers4
+    assert four.nameservers == (IPv4Address("198.18.0.53"),)
+    assert four.warnings == c.warnings
+    six = c.restrict(6)
+    assert six.families() == (6,)
+    assert (six.vip4, six.servers4, six.rip4, six.private_gw4, six.broadcast) == (
+        None, (), None, None, None)
+    assert six.servers6 == c.servers6 and six.vip6_prefix == 64
+    assert six.nameservers == (IPv6Address("2001:db8:1::53"),)
+    assert c.families() == (4, 6)  # the original is untouched
+
+
+def test_restrict_to_a_family_without_vip() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(V4).restrict(6)
+    (p,) = info.value.problems
+    assert str(p) == "t.conf: error: -6: the configuration has no VIP6"
+    with pytest.raises(ValueError):
+        parse(V4).restrict(5)
+
+
+# --------------------------------------------------------------------------
+# Files
+
+
+@pytest.mark.parametrize(("name", "families"), [
+    ("loaded.conf", (4,)), ("loaded.conf6", (6,)), ("loaded-dual.conf", (4, 6)),
+])
+def test_example_files_parse_cleanly(name: str, families: tuple[int, ...]) -> None:
+    path = EXAMPLES / name
+    c = load_config(path)
+    assert c.path == str(path)
+    assert c.families() == families
+    assert c.warnings == ()
+    for f in families:
+        assert c.restrict(f).families() == (f,)
+
+
+def test_original_format_examples_use_no_extensions() -> None:
+    for name in ("loaded.conf", "loaded.conf6"):
+        c = load_config(EXAMPLES / name)
+        assert c.strategy == "rr"
+        assert all(b.weight == 1 and b.state is State.UP for b in c.servers4 + c.servers6)
+        text = (EXAMPLES / name).read_text()
+        for word in ("weight=", "state=", "table_size=", "client_", "datapath", "fail_open",
+                     "gso="):
+            assert word not in text
+
+
+def test_dual_example_shows_the_extensions() -> None:
+    c = load_config(EXAMPLES / "loaded-dual.conf")
+    assert c.strategy == "maglev" and c.failover
+    assert {b.state for b in c.servers4} == {State.UP, State.DRAINING, State.DOWN}
+    assert any(b.weight != 1 for b in c.servers4)
+    assert c.private_gw4 is not None and c.private_gw6 is not None
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
+@pytest.mark.parametrize("name", ["loaded.conf", "loaded.conf6", "loaded-dual.conf"])
+def test_example_files_are_valid_shell(name: str) -> None:
+    subprocess.run(["sh", "-n", str(EXAMPLES / name)], check=True, timeout=10)
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
+@pytest.mark.parametrize("value", [
+    "eth0", '"eth 0"'.replace(" ", ""), "'eth1'", 'e"th"2', "eth\\#3", "eth#4",
+    'eth5  # comment', "'et''h6'", '"e\\"t\\\\h7"', "eth\\$8", "'a$b'",
+])
+def test_values_read_as_sh_reads_them(value: str) -> None:
+    out = subprocess.run(["sh", "-c", f"public_NIC={value}\nprintf %s \"$public_NIC\""],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    c = parse(V4 + f"public_NIC={value}\n")
+    assert c.public_nic == out
+
+
+def test_load_config_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.conf"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing)
+    (p,) = info.value.problems
+    assert (p.file, p.line) == (str(missing), 0)
+    assert p.message.startswith("cannot read: ")
+
+
+def test_load_config_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert info.value.problems[0].message.startswith("cannot read: ")
+
+
+def test_load_config_bad_utf8(tmp_path: Path) -> None:
+    f = tmp_path / "bad.conf"
+    f.write_bytes(b"VIP4=198.18.0.10\n# caf\xe9\nserver4=198.19.0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(f))
+    (p,) = info.value.problems
+    assert (p.line, p.message) == (2, "not valid UTF-8 (byte 0xe9)")
+
+
+def test_load_config_reads_and_names_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "x.conf"
+    f.write_text(V4 + "server4=nope\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(f)
+    assert str(info.value) == f"{f}:3: error: server4: 'nope' is not a valid IPv4 address"
+
+
+# --------------------------------------------------------------------------
+# Arbitrary input
+
+
+_KEY_LINES = st.builds(
+    lambda indent, key, value: f"{indent}{key}={value}",
+    st.sampled_from(["", " ", "\t"]),
+    st.sampled_from([*sorted(KEYS), "FOO", "failover"]),
+    st.text(alphabet=st.sampled_from(list("0123456789abcdef.:/ \t#'\"$\\;=%-wstupx")),
+            max_size=30),
+)
+_LINES = st.lists(st.one_of(st.text(max_size=40), _KEY_LINES), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_LINES)
+def test_arbitrary_text_gives_config_or_config_error(lines: list[str]) -> None:
+    text = "\n".join(lines)
+    try:
+        c = parse(text)
+    except ConfigError as e:
+        assert any(p.severity == "error" for p in e.problems)
+        n = text.count("\n") + 1
+        assert all(0 <= p.line <= n and p.file == "t.conf" for p in e.problems)
+    else:
+        assert c.families()
+        assert all(p.severity == "warning" for p in c.warnings)

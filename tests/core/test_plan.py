@@ -1,0 +1,104 @@
+"""The kernel set-up plan, derived from a config alone."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from loaded.core.config import parse_config
+from loaded.core.plan import MARK_BASE, Plan, PlanError, describe, instance_tag, make_plan
+
+BASE = """
+VIP4=198.18.1.100
+VIP4net=24
+VIP6=2001:db8:1::100
+VIP6net=64
+server4=198.19.0.11
+server4=198.19.0.12
+server6=2001:db8:2::11
+RIP4=198.19.0.0/24
+RIP6=2001:db8:2::/64
+public_NIC=pub0
+private_NIC=priv0
+private_GW=198.19.0.1
+private_GW=2001:db8:2::1
+FIRST_CORE=0
+LAST_CORE=1
+NS=198.18.5.53
+"""
+
+
+def plan(extra: str = "", families: tuple[int, ...] = (4, 6), cpus: int = 2) -> Plan:
+    config = parse_config(BASE + extra, "t.conf")
+    return make_plan(config, families, "abc123", cpus)
+
+
+def test_addresses_routes_and_neighbours() -> None:
+    p = plan()
+    addrs = {(a.ifname, str(a.ip), a.prefix) for a in p.addresses}
+    assert addrs == {("pub0", "198.18.1.100", 24), ("pub0", "2001:db8:1::100", 64),
+                     ("priv0", "198.19.0.1", 24), ("priv0", "2001:db8:2::1", 64)}
+    assert p.routes == ()  # the gateways' prefixes give the routes
+    assert {str(n.ip) for n in p.neighbours} == {"198.19.0.11", "198.19.0.12", "2001:db8:2::11"}
+    assert ("net/ipv4/ip_forward", "1") in {(s.key, s.value) for s in p.sysctls}
+    assert ("net/ipv6/conf/all/forwarding", "1") in {(s.key, s.value) for s in p.sysctls}
+
+
+def test_gateway_outside_real_server_net_gets_a_route() -> None:
+    config = parse_config(BASE.replace("private_GW=198.19.0.1\n", ""), "t.conf")
+    p = make_plan(config, (4,), "abc123", 2)
+    assert [str(r.dst) for r in p.routes] == ["198.19.0.0/24"]
+
+
+def test_workers_clamped_to_cores() -> None:
+    config = parse_config(BASE.replace("LAST_CORE=1", "LAST_CORE=7"), "t.conf")
+    p = make_plan(config, (4, 6), "abc123", 2)
+    assert p.cores == (0, 1) and p.queues == (0, 1)
+    p1 = plan(cpus=1)
+    assert p1.cores == (0,)
+
+
+def test_rules_hash_clients_to_workers_and_exclude_dns() -> None:
+    p = plan(families=(4,))
+    chains = {c.table: c for c in p.chains}
+    assert set(chains) == {"raw", "mangle", "filter", "nat"}
+    mangle = chains["mangle"]
+    assert mangle.jump_match == ("-d", "198.18.1.100")
+    hmark = [r for r in mangle.rules if "HMARK" in r]
+    assert len(hmark) == 1 and "src,dst" in hmark[0]
+    queues = [r for r in mangle.rules if "NFQUEUE" in r]
+    assert [r[r.index("--mark") + 1] for r in queues] == [str(MARK_BASE), str(MARK_BASE + 1)]
+    assert [r[r.index("--queue-num") + 1] for r in queues] == ["0", "1"]
+    assert all("--queue-bypass" not in r for r in queues)  # fail-closed by default
+    forward = chains["filter"].rules
+    assert forward[0][:2] == ("-d", "198.18.5.53") and forward[-1][-1] == "0:1"
+    assert chains["nat"].rules[0][-1] == "MASQUERADE"
+
+
+def test_fail_open_adds_bypass() -> None:
+    p = plan("fail_open=yes\n", families=(4,))
+    assert all("--queue-bypass" in r for c in p.chains for r in c.rules if "NFQUEUE" in r)
+
+
+def test_ipv6_keeps_neighbour_discovery_local() -> None:
+    p = plan(families=(6,))
+    mangle = next(c for c in p.chains if c.table == "mangle")
+    assert mangle.rules[0][-1] == "RETURN" and "neighbour-solicitation" in mangle.rules[0]
+    assert all(c.family == 6 for c in p.chains)
+    assert not any(c.table == "nat" for c in p.chains)  # the only NS is IPv4
+
+
+def test_missing_interfaces_is_a_plan_error() -> None:
+    config = parse_config(BASE.replace("public_NIC=pub0\n", ""), "t.conf")
+    with pytest.raises(PlanError, match="public_NIC"):
+        make_plan(config, (4,), "x", 2)
+
+
+def test_describe_and_tag() -> None:
+    lines = describe(plan())
+    assert any(line.startswith("ip addr add 198.18.1.100/24 dev pub0") for line in lines)
+    assert any("iptables -t mangle -I PREROUTING 1 -d 198.18.1.100 -j LOADED-IN-abc123" in line
+               for line in lines)
+    assert instance_tag("/etc/loaded.conf") == instance_tag("/etc/loaded.conf")
+    assert instance_tag("/etc/a.conf") != instance_tag("/etc/b.conf")
+    assert len(instance_tag("/x")) == 6 and int(instance_tag("/x"), 16) >= 0
