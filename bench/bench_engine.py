@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment  # noqa: E402
-from scapy.layers.inet6 import IPv6  # noqa: E402
-from scapy.packet import Raw  # noqa: E402
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Raw
 
-from loaded.core.config import parse_config  # noqa: E402
-from loaded.core.engine import Engine, build_engine  # noqa: E402
+from loaded.core.config import parse_config
+from loaded.core.engine import Engine, build_engine
 
 VIP4, VIP6 = "198.18.1.100", "2001:db8:1::100"
 
@@ -87,7 +87,8 @@ def main() -> None:
         off = 12 if family == 4 else 8
         vips = {ipaddress.ip_address(VIP4 if family == 4 else VIP6).packed: 1}
 
-        def baseline(b: bytearray, orig: bytes) -> object:
+        def baseline(b: bytearray, orig: bytes, vips: dict[bytes, int] = vips,
+                     addr: Callable[..., tuple[bytes, ...]] = addr, off: int = off) -> object:
             b[:] = orig
             return vips.get(addr(b, off)[1])
 

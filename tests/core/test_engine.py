@@ -333,7 +333,7 @@ def _mutations(data: st.DataObject, buf: bytearray) -> bytearray:
 @given(families, protos, payloads, st.booleans(), st.data())
 def test_mutated_packets_raise_only_packet_error(family: int, proto: str, payload: bytes,
                                                  error: bool, data: st.DataObject) -> None:
-    vip, clients, backends, router = addrs(family)
+    vip, clients, _, router = addrs(family)
     e = engine()
     handle(e, raw(ip(family, clients[0], vip) / l4("tcp", b"", family=family)))
     if error:

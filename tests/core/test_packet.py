@@ -18,10 +18,12 @@ from loaded.core.packet import (
 from loaded.core.packet import (
     ICMPV6,
     MAX_EXT_HEADERS,
-    UDP as P_UDP,
     l4_checksum,
     parse,
     rewrite,
+)
+from loaded.core.packet import (
+    UDP as P_UDP,
 )
 from tests.core.packets import (
     BACKENDS4,

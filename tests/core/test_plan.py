@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from loaded.core.config import parse_config

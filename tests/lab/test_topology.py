@@ -23,9 +23,7 @@ from loaded.lab.netns import pid_alive, pids_in_netns
 from loaded.lab.topology import RUN_DIR
 
 pytestmark = [
-    pytest.mark.skipif(
-        os.geteuid() != 0, reason="needs root: the lab builds network namespaces"
-    ),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the lab builds network namespaces"),
     pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (`ip netns exec`)"),
     pytest.mark.timeout(120),
 ]
@@ -172,12 +170,18 @@ def test_config_file(lab: Lab, tmp_path: Path) -> None:
     shell = lab.write_config(tmp_path / "sh.conf")
     out = subprocess.run(
         ["sh", "-c", f'. "{shell}" && echo "$VIP4 $RIP6 $public_NIC"'],
-        capture_output=True, text=True, timeout=5, check=True,
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=True,
     ).stdout
     assert out.split() == ["198.18.1.100", "2001:db8:2::/64", "pub0"]
     assert "server4" not in lab.config_text(server4=None)
-    with pytest.raises(ValueError):
-        lab.config_text(strategy="rr; rm -rf /")
+    with_options = lab.config_text(server4=["198.19.0.11 weight=3 state=drain"])
+    assert "\nserver4=198.19.0.11 weight=3 state=drain\n" in with_options
+    for bad in ("rr; rm -rf /", "rr rm", " rr", "rr  weight=1", "$(id)", "a\nb"):
+        with pytest.raises(ValueError):
+            lab.config_text(strategy=bad)
 
 
 def test_balancer_host_is_left_unconfigured() -> None:
@@ -237,7 +241,7 @@ DEAD_RUN = textwrap.dedent(
     from loaded.lab import Lab
     lab = Lab(backends=1, clients=1).start()
     p = lab.exec("b1", ["sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    print(lab.prefix, p.pid, " ".join(lab.namespaces), flush=True)
+    print(lab.prefix, lab.workdir, p.pid, " ".join(lab.namespaces), flush=True)
     os.kill(os.getpid(), 9)  # die without any clean-up
     """
 )
@@ -249,7 +253,8 @@ def test_cleanup_stale_removes_dead_runs() -> None:
             [sys.executable, "-c", DEAD_RUN], capture_output=True, text=True, timeout=30
         )
         assert out.returncode == -signal.SIGKILL, out.stderr
-        prefix, pid, *names = out.stdout.split()
+        prefix, workdir, pid, *names = out.stdout.split()
+        assert Path(workdir).is_dir()
         assert set(names) <= set(list_netns())
         assert (RUN_DIR / f"{prefix}.lock").exists()
 
@@ -260,6 +265,7 @@ def test_cleanup_stale_removes_dead_runs() -> None:
         assert set(removed).isdisjoint(alive.namespaces)
         _assert_gone(names)
         assert not (RUN_DIR / f"{prefix}.lock").exists()
+        assert not Path(workdir).exists()
         assert not pid_alive(int(pid)), "the dead run's process survived"
         assert set(alive.namespaces) <= set(list_netns())
         assert (RUN_DIR / f"{alive.prefix}.lock").exists()

@@ -117,8 +117,7 @@ class ClientTable:
                     counts[b] = counts.get(b, 0) + 1
                     return b
                 b.clients -= 1
-        if b is not None:
-            self.strategy.released(b)
+        # A dropped entry's backend is down, so no strategy counts it: no released().
         if len(self._young) >= self._cap:
             # Before choosing, so count-based strategies see the counts after it.
             self._rotate_early(now)

@@ -44,7 +44,6 @@ from loaded.core.clients import ClientTable
 from loaded.core.config import Config
 from loaded.core.errors import PacketError, Reason
 from loaded.core.packet import (
-    Buf,
     ICMP,
     ICMP4_ECHO_REQUEST,
     ICMP6_ECHO_REQUEST,
@@ -52,6 +51,7 @@ from loaded.core.packet import (
     ICMPV6,
     TCP,
     UDP,
+    Buf,
     Packet,
     icmp_checksum_ok,
     parse,
@@ -250,7 +250,8 @@ class Engine:
                 q = _checked_error(buf, p)
                 inner = svc.pool.by_addr(q.dst)
                 if inner is None:
-                    raise PacketError(Reason.UNKNOWN_FLOW, "quoted packet was not sent to a backend")
+                    raise PacketError(Reason.UNKNOWN_FLOW,
+                                      "quoted packet was not sent to a backend")
                 rewrite(buf, p, p.src_off, svc.addr, delta)
                 rewrite_embedded(buf, q, q.dst_off, svc.addr, inner.delta_out)
                 set_icmp_checksum(buf, p)
@@ -314,8 +315,10 @@ def build_engine(config: Config, now: float, families: Iterable[int] | None = No
     """An engine for ``config``: one service per VIP, each with a fresh client table."""
     services = []
     for family in families if families is not None else config.families():
+        vip: IPAddress | None
+        real_net: IPNetwork | None
         if family == 4:
-            vip: IPAddress | None = config.vip4
+            vip = config.vip4
             specs, real_net = config.servers4, config.rip4
         else:
             vip = config.vip6

@@ -149,6 +149,8 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
     chains: list[Chain] = []
     for family in families:
         vip: IPAddress | None
+        gw: IPAddress | None
+        rip: IPNetwork | None
         if family == 4:
             vip, vprefix, gw, rip = config.vip4, config.vip4_prefix, config.private_gw4, config.rip4
             specs = config.servers4

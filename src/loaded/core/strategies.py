@@ -35,7 +35,8 @@ weighted    fewest clients (weights ignored except 0): the      O(log n)
             original's "weighted", without its O(clients) scan  amortised
 lc          least (clients + 1) / weight                        O(log n)
                                                                 amortised
-wrr         smooth weighted round robin (EEVDF)                 O(log n)
+wrr         smooth weighted round robin (EEVDF)                 O(1) (W <= 16384),
+                                                                O(log n)
 sh          source hash over a weighted slot table              O(1)
 maglev      Maglev consistent hash (weighted, Envoy's way)      O(1)
 ==========  ==================================================  ===========
@@ -315,15 +316,20 @@ class WeightedRoundRobin(Strategy):
     * a started turn always exists while any backend is eligible (the shares
       and the turns taken both add up to m).
 
-    Two heaps of ints make it O(log n): ``_ready`` (started turns by due time)
-    and ``_waiting`` (the rest by start time). When the eligible backends or
-    their weights change, the schedule starts again from nothing, so no backend
-    is owed or denied turns for the time before the change.
+    Two heaps of ints make a choice O(log n): ``_ready`` (started turns by due
+    time) and ``_waiting`` (the rest by start time). As the schedule repeats
+    every W choices, a W of at most ``CYCLE_LIMIT`` is played once at rebuild
+    and then replayed from a list, O(1) per choice, the same sequence. When the
+    eligible backends or their weights change, the schedule starts again from
+    nothing, so no backend is owed or denied turns for the time before the
+    change.
     """
 
     name = "wrr"
-    __slots__ = ("_backends", "_done", "_mask", "_ready", "_shift", "_total", "_turns",
-                 "_waiting", "_weights")
+    __slots__ = ("_backends", "_cycle", "_done", "_mask", "_next", "_ready", "_shift",
+                 "_total", "_turns", "_waiting", "_weights")
+
+    CYCLE_LIMIT: ClassVar[int] = 16384
 
     def __init__(self, pool: Pool) -> None:
         super().__init__(pool)
@@ -336,10 +342,22 @@ class WeightedRoundRobin(Strategy):
         self._total = 0  # W
         self._shift = 1
         self._mask = 0
+        self._cycle: list[Backend] = []  # one period of the schedule, or empty: use the heaps
+        self._next = 0
 
     def choose(self, client: bytes) -> Backend | None:
         if self._version != self.pool.version:
             self._rebuild()
+        cycle = self._cycle
+        if cycle:
+            i = self._next
+            b = cycle[i]
+            i += 1
+            self._next = i if i < len(cycle) else 0
+            return b
+        return self._step()
+
+    def _step(self) -> Backend | None:
         ready = self._ready
         waiting = self._waiting
         turns = self._turns
@@ -382,9 +400,14 @@ class WeightedRoundRobin(Strategy):
         # Every first turn starts at 0 and is due at 1 / w.
         ready = [((1 << _FRACTION_BITS) // w) << shift | pos for pos, w in enumerate(weights)]
         heapify(ready)
+        total = sum(weights)
         self._backends, self._weights, self._turns = backends, weights, [1] * len(backends)
-        self._ready, self._waiting, self._done, self._total = ready, [], 0, sum(weights)
+        self._ready, self._waiting, self._done, self._total = ready, [], 0, total
         self._shift, self._mask = shift, (1 << shift) - 1
+        self._cycle, self._next = [], 0
+        if total <= self.CYCLE_LIMIT:
+            cycle = [self._step() for _ in range(total)]
+            self._cycle = cycle  # type: ignore[assignment]  # never None: backends exist
 
 
 class SourceHash(Strategy):

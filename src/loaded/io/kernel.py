@@ -153,9 +153,12 @@ class Kernel:
 
     def _chain(self, c: Chain) -> None:
         fam, t = c.family, c.table
+        # iptables-nft creates a whole table on first use; if it was not there
+        # before, it goes again on exit, or "nothing else changed" would not hold.
+        new_table = _table_exists(fam, t) is False
         _iptables(fam, "-t", t, "-N", c.name)
         self._record({"kind": "chain", "family": fam, "table": t, "hook": c.hook,
-                      "name": c.name, "jump": list(c.jump_match)})
+                      "name": c.name, "jump": list(c.jump_match), "new_table": new_table})
         for rule in c.rules:
             _iptables(fam, "-t", t, "-A", c.name, *rule)
         _iptables(fam, "-t", t, "-I", c.hook, "1", *c.jump_match, "-j", c.name)
@@ -237,6 +240,8 @@ class Kernel:
         elif kind == "chain":
             self._remove_chain(step["family"], step["table"], step["hook"], step["name"],
                                step["jump"])
+            if step.get("new_table"):
+                _drop_table_if_empty(step["family"], step["table"])
 
     @staticmethod
     def _remove_chain(family: int, table: str, hook: str, name: str, jump: list[str]) -> None:
@@ -256,6 +261,33 @@ class Kernel:
 
     def close(self) -> None:
         self._ipr.close()
+
+
+def _nft_family(family: int) -> str:
+    return "ip" if family == 4 else "ip6"
+
+
+def _table_exists(family: int, table: str) -> bool | None:
+    """Whether an iptables-nft table exists; None when that cannot be known
+    (iptables-legacy, whose tables always exist, or no nft tool)."""
+    tool = "iptables" if family == 4 else "ip6tables"
+    try:
+        version = subprocess.run([tool, "-V"], capture_output=True, text=True,
+                                 check=False).stdout
+        if "nf_tables" not in version:
+            return None
+        proc = subprocess.run(["nft", "list", "table", _nft_family(family), table],
+                              capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return None
+    return proc.returncode == 0
+
+
+def _drop_table_if_empty(family: int, table: str) -> None:
+    listing = _iptables(family, "-t", table, "-S", check=False).stdout.splitlines()
+    if all(line.startswith("-P ") for line in listing if line.strip()):
+        subprocess.run(["nft", "delete", "table", _nft_family(family), table],
+                       capture_output=True, check=False)
 
 
 def _poke(ip: str) -> None:

@@ -157,7 +157,7 @@ class NfQueue:
             return
         while True:
             reply = self.sock.recv(8192)
-            length, kind, _, seq, _ = _NLMSGHDR.unpack_from(reply, 0)
+            _, kind, _, seq, _ = _NLMSGHDR.unpack_from(reply, 0)
             if kind == NLMSG_ERROR and seq == self._seq:
                 code = struct.unpack_from("=i", reply, 16)[0]
                 if code:

@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from . import netns as nsutil
 log = logging.getLogger(__name__)
 
 RUN_DIR = Path("/run/loaded-lab")
+WORKDIR_PREFIX = "loaded-lab-"  # + prefix: per-run directory (server logs) in $TMPDIR
 PREFIX_RE = re.compile(r"^(ld[0-9a-f]{4})-")
 
 IFA_F_NODAD = 0x02
@@ -85,7 +86,6 @@ class _Tracked:
     ns: str
     proc: subprocess.Popen[Any]
     log_path: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class LabError(RuntimeError):
@@ -390,7 +390,7 @@ class Lab:
             ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
 
     def _build(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-", dir="/tmp"))
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{self.prefix}-"))
         self.ns_cl = self._new_ns("cl")
         self.ns_rt = self._new_ns("rt")
         self.ns_lb = self._new_ns("lb")
@@ -769,8 +769,15 @@ class Lab:
             for item in items:
                 text = str(item)
                 # The file is also sourced by a shell and parsed by a
-                # line-based reader: no blanks, quotes, comments or newlines.
-                if not text or re.search(r"[\s#'\"`$;\\]", text):
+                # line-based reader: no quotes, comments, expansions or line
+                # breaks. Further words must be options such as "weight=3",
+                # which a shell takes for more assignments, never for commands.
+                words = text.split(" ")
+                if (
+                    not all(words)
+                    or re.search(r"[\t\r\n\v\f#'\"`$;&|<>()\\]", text)
+                    or not all(re.fullmatch(r"[A-Za-z_]\w*=\S+", w) for w in words[1:])
+                ):
                     raise ValueError(f"bad config value for {key}: {text!r}")
                 entries.append((key, text))
         return entries
@@ -882,6 +889,11 @@ def cleanup_stale() -> list[str]:
                 continue  # owner alive
             # Holding the dead owner's lock keeps other cleaners out meanwhile.
             removed += _remove_prefix(marker.stem)
+            # Only dead runs' directories: a lab torn down with keep_workdir
+            # has no marker any more and keeps its logs.
+            tmp_root = Path(tempfile.gettempdir())
+            for d in tmp_root.glob(f"{WORKDIR_PREFIX}{marker.stem}-*"):
+                shutil.rmtree(d, ignore_errors=True)
             if not [n for n in nsutil.list_netns() if n.startswith(marker.stem + "-")]:
                 with contextlib.suppress(FileNotFoundError):
                     marker.unlink()
