@@ -101,7 +101,13 @@ def main_replay(argv: Sequence[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"replay": main_replay}
+def main_lab(argv: Sequence[str]) -> int:
+    from loaded.lab.main import main as lab_main
+
+    return lab_main(argv)
+
+
+SUBCOMMANDS = {"replay": main_replay, "lab": main_lab}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,9 +162,15 @@ def run_daemon(args: argparse.Namespace, config: Config, path: str) -> int:
         except KeyError:
             print(f"loaded: no such user: {args.user}", file=sys.stderr)
             return 1
+    try:
+        # Before detaching: the syslog socket is connected now, and a missing
+        # one is reported on the terminal rather than into the void.
+        setup_logging(args.foreground)
+    except OSError as e:
+        print(f"loaded: cannot log to syslog ({e}); use -D to log to stderr", file=sys.stderr)
+        return 1
     if not args.foreground:
         detach()
-    setup_logging(args.foreground)
     supervisor = Supervisor(config, families, plan, maxlen=args.qlen or config.nfq_len,
                             user=args.user)
     return supervisor.run()

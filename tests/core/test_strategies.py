@@ -61,7 +61,7 @@ def build(name: str, pool: Pool) -> Strategy:
     return make_strategy(name, pool, maglev_table_size=SMALL_PRIME)
 
 
-def share(counter: Counter[Backend], pool: Pool) -> dict[int, float]:
+def share(counter: Counter[Backend | None], pool: Pool) -> dict[int, float]:
     total = sum(counter.values())
     return {b.index: counter[b] / total for b in pool}
 
@@ -307,6 +307,15 @@ def test_least_loaded_recovers_from_unannounced_decreases() -> None:
 # --- wrr ----------------------------------------------------------------------
 
 
+class HeapOnlyWRR(WeightedRoundRobin):
+    """Never replays a cycle: every choice goes through the heaps."""
+
+    CYCLE_LIMIT = 0
+
+
+WRR_KINDS = pytest.mark.parametrize("cls", [WeightedRoundRobin, HeapOnlyWRR])
+
+
 def wrr_sequence(s: Strategy, n: int) -> list[int]:
     out = []
     for _ in range(n):
@@ -322,11 +331,13 @@ def assert_exact_windows(seq: list[int], weights: dict[int, int]) -> None:
         assert Counter(seq[start:start + total]) == {i: w for i, w in weights.items() if w}
 
 
+@WRR_KINDS
 @settings(max_examples=50, deadline=None)
 @given(weights=st.lists(st.integers(0, 7), min_size=1, max_size=6).filter(any))
-def test_wrr_every_window_of_total_weight_is_exact(weights: list[int]) -> None:
+def test_wrr_every_window_of_total_weight_is_exact(cls: type[Strategy],
+                                                   weights: list[int]) -> None:
     pool = make_pool(weights)
-    s = WeightedRoundRobin(pool)
+    s = cls(pool)
     total = sum(weights)
     seq = wrr_sequence(s, 4 * total)
     assert_exact_windows(seq, dict(enumerate(weights)))
@@ -338,20 +349,22 @@ def test_wrr_every_window_of_total_weight_is_exact(weights: list[int]) -> None:
             assert abs(counts[j] - Fraction(m * w, total)) < 1
 
 
-def test_wrr_is_smooth() -> None:
+@WRR_KINDS
+def test_wrr_is_smooth(cls: type[Strategy]) -> None:
     pool = make_pool([5, 1, 1])
-    s = WeightedRoundRobin(pool)
+    s = cls(pool)
     # Plain earliest-deadline-first would give 0 0 0 0 0 1 2.
     assert wrr_sequence(s, 14) == [0, 1, 0, 0, 2, 0, 0] * 2
 
 
+@WRR_KINDS
 @settings(max_examples=50, deadline=None)
 @given(before=st.lists(st.integers(1, 5), min_size=2, max_size=5),
        cut=st.integers(0, 20), change=st.tuples(st.integers(0, 4), st.integers(0, 5)))
-def test_wrr_stays_exact_after_a_change(before: list[int], cut: int,
+def test_wrr_stays_exact_after_a_change(cls: type[Strategy], before: list[int], cut: int,
                                         change: tuple[int, int]) -> None:
     pool = make_pool(before)
-    s = WeightedRoundRobin(pool)
+    s = cls(pool)
     wrr_sequence(s, cut)
     i, w = change
     i %= len(before)
@@ -365,13 +378,31 @@ def test_wrr_stays_exact_after_a_change(before: list[int], cut: int,
     assert_exact_windows(seq, after)
 
 
-def test_wrr_new_backend_joins_the_current_round() -> None:
+@WRR_KINDS
+def test_wrr_new_backend_joins_the_current_round(cls: type[Strategy]) -> None:
     pool = make_pool([1, 1])
-    s = WeightedRoundRobin(pool)
+    s = cls(pool)
     wrr_sequence(s, 100)
     pool.add(backend_ip(2))
     # Not owed 50 turns for the time it was away: it takes its share at once.
     assert Counter(wrr_sequence(s, 3)) == {0: 1, 1: 1, 2: 1}
+
+
+@WRR_KINDS
+def test_wrr_none_without_eligible_backends(cls: type[Strategy]) -> None:
+    pool = make_pool([0, 0])
+    s = cls(pool)
+    assert s.choose(b"") is None
+    pool.set_weight(backend_ip(1), 2)
+    assert [s.choose(b"") for _ in range(3)] == [pool.backends[1]] * 3
+
+
+def test_wrr_large_total_weight_uses_the_heaps() -> None:
+    pool = make_pool([MAX_WEIGHT, 1])
+    s = WeightedRoundRobin(pool)
+    seq = wrr_sequence(s, MAX_WEIGHT + 1)
+    assert not s._cycle
+    assert Counter(seq) == {0: MAX_WEIGHT, 1: 1}
 
 
 # --- sh -----------------------------------------------------------------------
@@ -431,7 +462,7 @@ def test_maglev_lookup_balance_v6() -> None:
     pool = make_pool([1, 1, 2, 4], v6=True)
     s = Maglev(pool)
     sample = clients(40_000, v6=True)
-    got = share(Counter(s.choose(c) for c in sample), pool)  # type: ignore[arg-type]
+    got = share(Counter(s.choose(c) for c in sample), pool)
     for b in pool:
         assert abs(got[b.index] - b.weight / 8) < 0.015
 
@@ -520,3 +551,28 @@ def test_maglev_table_is_the_same_in_every_build_and_process(v6: bool) -> None:
     table = maglev_table(first.eligible(), 65537)
     for c in clients(200, v6=v6):
         assert s.choose(c) is table[stable_hash(c) % 65537]
+
+
+def test_rr_stagger_starts_workers_on_different_backends() -> None:
+    import ipaddress as _ip
+
+    from loaded.core.pool import Pool as _Pool
+    from loaded.core.strategies import make_strategy as _make
+
+    firsts = []
+    for worker in range(3):
+        pool = _Pool(_ip.ip_address("198.18.1.100"))
+        for i in range(3):
+            pool.add(_ip.ip_address(f"198.19.0.{11 + i}"))
+        s = _make("rr", pool)
+        s.stagger(worker)
+        b = s.choose(b"c")
+        assert b is not None
+        firsts.append(str(b.ip))
+    assert firsts == ["198.19.0.11", "198.19.0.12", "198.19.0.13"]
+    for name in ("weighted", "lc", "wrr", "sh", "maglev"):
+        pool = _Pool(_ip.ip_address("198.18.1.100"))
+        pool.add(_ip.ip_address("198.19.0.11"))
+        s = _make(name, pool)
+        s.stagger(5)  # no cursor: nothing to do, nothing breaks
+        assert s.choose(b"c") is not None

@@ -7,18 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from loaded.core.plan import instance_tag
-from loaded.io.kernel import JOURNAL_DIR
+from loaded.lab.balancer import Balancer
 from loaded.lab.topology import Lab
 
 if os.geteuid() != 0:
@@ -27,84 +21,7 @@ if os.geteuid() != 0:
 PORT = 8080
 
 
-class Daemon:
-    """``loaded -D`` in the lab's balancer namespace."""
-
-    def __init__(self, lab: Lab, conf: Path, args: tuple[str, ...] = ()) -> None:
-        self.lab = lab
-        self.conf = conf
-        self.args = args
-        self.tag = instance_tag(os.path.abspath(conf))
-        self.stats_path = JOURNAL_DIR / f"{self.tag}.stats.json"
-        assert lab.workdir is not None
-        self.log_path = lab.workdir / f"daemon-{self.tag}-{time.monotonic_ns()}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 15.0) -> Daemon:
-        try:
-            self.stats_path.unlink()
-        except FileNotFoundError:
-            pass
-        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
-        self.proc = self.lab.exec("lb", [sys.executable, "-m", "loaded", "-D", "-c",
-                                         str(self.conf), *self.args],
-                                  stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "event=started" in self.log:
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"daemon did not start:\n{self.log}")
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stats(self) -> dict[str, Any]:
-        return json.loads(self.stats_path.read_text())  # type: ignore[no-any-return]
-
-    def wait_stats(self, predicate: Any, timeout: float = 6.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            try:
-                last = self.stats()
-                if predicate(last):
-                    return last
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"stats never matched: {json.dumps(last)[:2000]}")
-
-    def drops(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for w in self.stats()["workers"]:
-            for reason, n in w.get("drops", {}).items():
-                total[reason] = total.get(reason, 0) + n
-        return total
-
-    def worker_pids(self) -> list[int]:
-        return [w["pid"] for w in self.stats()["workers"] if w.get("alive") and "pid" in w]
-
-    def stop(self, timeout: float = 15.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill_all(self) -> None:
-        """Simulate a crash: SIGKILL the supervisor and every worker, no clean-up."""
-        pids = self.worker_pids()
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(5)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+Daemon = Balancer
 
 
 def kernel_state(lab: Lab) -> dict[str, Any]:

@@ -58,6 +58,7 @@ def test_tcp_udp_icmp_through_the_vip(lab: Lab, daemon_factory: Any, family: int
     stats = d.wait_stats(lambda s: sum(w.get("accepted", 0) for w in s["workers"]) > 60)
     assert sum(w.get("dropped", 0) for w in stats["workers"]) == 0
     assert d.stop() == 0
+    assert d.problems() == []
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,7 @@ def test_path_mtu_discovery_through_the_balancer(small_mtu_lab: Lab, daemon_fact
             assert received == 3_000_000, (name, received)
         drops = d.drops()
         assert drops.get("icmp-error-unknown-flow", 0) == 0
+        assert d.problems() == []
         # The router's errors reached the backends: they lowered their path MTU.
         b = lab.backends[0]
         cache = lab.run(b.ns, ["ip", f"-{family}", "route", "show", "cache"]).stdout
@@ -153,6 +155,7 @@ def test_malformed_packets_are_dropped_counted_and_harmless(lab: Lab,
         sum(w.get("drops", {}).get(r, 0) for w in s["workers"]) >= n for r, n in want.items()))
     counted = {r: sum(w["drops"].get(r, 0) for w in stats["workers"]) for r in want}
     assert counted == want
+    assert d.problems() == []
     # every malformed packet got its verdict: nothing waits in or fell off the queues
     for q in stats["kernel_queues"].values():
         assert q["waiting"] == 0 and q["queue_dropped"] == 0 and q["user_dropped"] == 0

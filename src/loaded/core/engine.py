@@ -311,8 +311,12 @@ def _fix6(buf: Buf, co: int, d: int, proto: int) -> None:
     buf[co + 1] = s & 0xFF
 
 
-def build_engine(config: Config, now: float, families: Iterable[int] | None = None) -> Engine:
-    """An engine for ``config``: one service per VIP, each with a fresh client table."""
+def build_engine(config: Config, now: float, families: Iterable[int] | None = None,
+                 worker: int = 0) -> Engine:
+    """An engine for ``config``: one service per VIP, each with a fresh client table.
+
+    ``worker`` staggers cursor strategies so that workers do not all start alike.
+    """
     services = []
     for family in families if families is not None else config.families():
         vip: IPAddress | None
@@ -330,6 +334,7 @@ def build_engine(config: Config, now: float, families: Iterable[int] | None = No
             pool.add(spec.ip, spec.weight, spec.state)
         strategy = make_strategy(config.strategy, pool,
                                  maglev_table_size=config.maglev_table_size)
+        strategy.stagger(worker)
         table = ClientTable(pool, strategy, idle_timeout=config.client_timeout,
                             max_size=config.client_table_max, now=now)
         services.append(Service(vip, pool, strategy, table, real_net))

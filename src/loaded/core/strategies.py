@@ -27,22 +27,24 @@ Rules:
 
 Strategies and their cost per ``choose`` (n = eligible backends):
 
-==========  ==================================================  ===========
+==========  ==================================================  ================
 name        choice                                              cost
-==========  ==================================================  ===========
+==========  ==================================================  ================
 rr          next eligible backend in pool order, cyclic         O(1)
 weighted    fewest clients (weights ignored except 0): the      O(log n)
             original's "weighted", without its O(clients) scan  amortised
 lc          least (clients + 1) / weight                        O(log n)
                                                                 amortised
-wrr         smooth weighted round robin (EEVDF)                 O(1) (W <= 16384),
-                                                                O(log n)
+wrr         smooth weighted round robin (EEVDF)                 O(1) if W <= 16384
+                                                                else O(log n)
 sh          source hash over a weighted slot table              O(1)
 maglev      Maglev consistent hash (weighted, Envoy's way)      O(1)
-==========  ==================================================  ===========
+==========  ==================================================  ================
 
-Rebuilds cost O(n) (rr, weighted, lc, wrr), O(max(4096, 16n)) (sh) and
-O(M log M) (maglev, M = table size); they happen only when the pool changes.
+Rebuilds cost O(n) (rr, weighted, lc), O(W log n) (wrr, W = sum of weights, up
+to its cycle limit), O(max(4096, 16n)) (sh) and O(M log M) (maglev, M = table
+size: ~50 ms for 65537); they happen only when the eligible backends or their
+weights change (for weighted and lc also when counts drop in bulk, O(n)).
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ __all__ = [
     "make_strategy",
 ]
 
-# hashing.stable_hash(client) written out inline on the hash strategies' hot path:
-# a Python function call would be a fifth of the cost of a choice.
+# hashing.stable_hash(client), written out inline on the hash strategies' hot path
+# to save a Python-level call per choice; a test checks that the two agree.
 _blake2b = hashlib.blake2b
 _from_bytes = int.from_bytes
 
@@ -100,6 +102,11 @@ class Strategy:
 
     def released(self, backend: Backend) -> None:
         """``backend.clients`` just went down by one entry (forgotten or moved)."""
+
+    def stagger(self, offset: int) -> None:
+        """Start ``offset`` places further on. Workers have a strategy each: without
+        this, every worker's round robin would send its first client to the same
+        backend. No-op for strategies without a cursor."""
 
     def _sync(self) -> bool:
         """Catch up with the pool's version; True when the eligible backends or weights changed."""
@@ -143,6 +150,12 @@ class RoundRobin(Strategy):
         self._next = i if i < len(ring) else 0
         return b
 
+    def stagger(self, offset: int) -> None:
+        if self._version != self.pool.version:
+            self._rebuild()
+        if self._ring:
+            self._next = offset % len(self._ring)
+
     def _rebuild(self) -> None:
         old, nxt = self._ring, self._next
         if not self._sync():
@@ -170,7 +183,7 @@ class _LeastLoaded(Strategy):
     stale. The invariant is that every backend has at least one entry whose key is
     not above its current key:
 
-    * a popped top entry that is current is the minimum (every other backend's
+    * the top entry, when current, is the minimum (every other backend's
       current key is at least its lowest entry, which is at least the top);
     * a top entry below the current key is replaced by the current key;
     * a decrease is announced with ``released`` (a fresh entry is pushed) or by a
@@ -406,8 +419,12 @@ class WeightedRoundRobin(Strategy):
         self._shift, self._mask = shift, (1 << shift) - 1
         self._cycle, self._next = [], 0
         if total <= self.CYCLE_LIMIT:
-            cycle = [self._step() for _ in range(total)]
-            self._cycle = cycle  # type: ignore[assignment]  # never None: backends exist
+            cycle = []
+            for _ in range(total):
+                b = self._step()
+                assert b is not None  # total > 0: there are backends
+                cycle.append(b)
+            self._cycle = cycle
 
 
 class SourceHash(Strategy):

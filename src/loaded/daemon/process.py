@@ -15,6 +15,9 @@ FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 SYSLOG_FORMAT = "loaded[%(process)d]: %(levelname)s %(message)s"
 
 
+SYSLOG_SOCKET = os.environ.get("LOADED_SYSLOG_SOCKET", "/dev/log")
+
+
 def setup_logging(foreground: bool, verbose: bool = False) -> None:
     root = logging.getLogger()
     root.handlers.clear()
@@ -26,7 +29,7 @@ def setup_logging(foreground: bool, verbose: bool = False) -> None:
     else:
         # Connected now, while /dev/log is reachable: workers chroot later.
         handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
     root.addHandler(handler)
 

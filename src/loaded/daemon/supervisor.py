@@ -88,7 +88,8 @@ class Supervisor:
                         os.close(other.fd)
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                engine = build_engine(self.config, time.monotonic(), self.families)
+                engine = build_engine(self.config, time.monotonic(), self.families,
+                                      worker=child.spec.index)
                 code = Worker(child.spec, engine, w).run()
             except BaseException:
                 log.exception("event=worker-failed queue=%d", child.spec.queue)

@@ -60,6 +60,10 @@ NF_DROP = 0
 NF_ACCEPT = 1
 
 SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+_SNDBUF = 4 << 20
+_SEND_BYTES = 1 << 20  # well inside the send buffer: netlink refuses a send larger than it
+_SEND_IOVECS = 900  # below UIO_MAXIOV (1024)
 NETLINK_NO_ENOBUFS = 5
 SOL_NETLINK = 270
 
@@ -114,8 +118,10 @@ class NfQueue:
             # (ENOBUFS). FORCE ignores rmem_max but needs CAP_NET_ADMIN.
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, _SNDBUF)
             except PermissionError:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
             self.sock.bind((0, 0))
             flags = (NFQA_CFG_F_FAIL_OPEN if fail_open else 0) | (NFQA_CFG_F_GSO if gso else 0)
             mask = NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO
@@ -188,6 +194,7 @@ class NfQueue:
             except InterruptedError:
                 continue
             out: list[memoryview | bytes] = []
+            out_bytes = 0
             i = 0
             while i < batch:
                 try:
@@ -214,6 +221,14 @@ class NfQueue:
                 else:
                     verdict = handler(payload, partial)
                 h = headers[i]
+                # One netlink send is one kernel buffer, limited by the send
+                # buffer, and one sendmsg at most UIO_MAXIOV iovecs: a burst of
+                # 64 KiB GSO packets goes out in several sends, whole messages each.
+                if out and (out_bytes + plen > _SEND_BYTES or len(out) > _SEND_IOVECS):
+                    _send(sock, out, stats)
+                    out = []
+                    out_bytes = 0
+                out_bytes += _VERDICT.size + plen
                 if verdict == ACCEPT:
                     stats.accepted += 1
                     pad = (4 - plen) & 3
@@ -233,9 +248,10 @@ class NfQueue:
                               0, 0)
                     out.append(hviews[i][:_VERDICT.size - 4])
                 i += 1
-            if out:
+            if i:
                 stats.batches += 1
-                _send_all(sock, out)
+            if out:
+                _send(sock, out, stats)
             if tick is not None:
                 tick()
 
@@ -249,14 +265,18 @@ class NfQueue:
                     errs[code] = errs.get(code, 0) + 1
 
 
-def _send_all(sock: socket.socket, out: list[memoryview | bytes]) -> None:
-    # The kernel caps one sendmsg at UIO_MAXIOV buffers; stay well below.
-    for k in range(0, len(out), 900):
-        part = out[k:k + 900]
+def _send(sock: socket.socket, part: list[memoryview | bytes], stats: QueueStats) -> None:
+    for _ in range(3):
         try:
             sock.sendmsg(part)
+            return
         except InterruptedError:
-            sock.sendmsg(part)
+            continue
+        except OSError as e:
+            # A failed send leaves its packets without a verdict; the kernel holds
+            # them until the queue is unbound. Count it: never die for it.
+            stats.verdict_errors[e.errno or 0] = stats.verdict_errors.get(e.errno or 0, 0) + 1
+            return
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
