@@ -379,6 +379,7 @@ class Usage:
 
     packets: int  # through the queues (a GSO super-packet counts once)
     worker_cpu: float
+    worker_split: tuple[float, ...]  # CPU seconds of each worker
     supervisor_cpu: float
     queue_drops: int
 
@@ -511,7 +512,7 @@ class Loaded(Mode):
         assert isinstance(pid, int)
         return pid
 
-    def _counters(self) -> tuple[tuple[int, ...], int, int, float, float]:
+    def _counters(self) -> tuple[tuple[int, ...], int, int, tuple[float, ...], float]:
         # The kernel's per-queue id_sequence counts every packet queued, exact
         # at any moment; the stats file lags by up to two seconds.
         pids = tuple(self.worker_pids())
@@ -521,7 +522,7 @@ class Loaded(Mode):
             if len(cols) >= 8:
                 drops += int(cols[5]) + int(cols[6])
                 packets += int(cols[7])
-        workers = sum(proc_cpu_seconds(p) for p in pids)
+        workers = tuple(proc_cpu_seconds(p) for p in pids)
         return pids, packets, drops, workers, proc_cpu_seconds(self.supervisor_pid())
 
     def usage_begin(self) -> object:
@@ -536,7 +537,8 @@ class Loaded(Mode):
             # again) and is another process: nothing to subtract.
             raise BenchError(f"loaded's workers changed during the measurement "
                              f"({list(pids0)} -> {list(pids1)}); see the daemon log")
-        return Usage(p1 - p0, w1 - w0, s1 - s0, d1 - d0)
+        split = tuple(b - a for a, b in zip(w0, w1, strict=True))
+        return Usage(p1 - p0, sum(split), split, s1 - s0, d1 - d0)
 
     def memory(self) -> dict[str, float]:
         mem = {f"worker{i}": proc_rss_mib(p) for i, p in enumerate(self.worker_pids())}
@@ -858,7 +860,7 @@ def report(results: Results, settings: Settings, command: str, mach: dict[str, s
                 "counted by the kernel's queues, a GSO super-packet once; CPU from "
                 "/proc/PID/stat):", "",
                 "| workload | IP | packets/s through the queues | worker CPU s / M packets | "
-                "worker CPU (cores busy) | supervisor CPU s | queue drops |",
+                "workers busy (cores: sum = w0 + w1) | supervisor CPU s | queue drops |",
                 "|---|---|---:|---:|---:|---:|---:|"]
         for key in ("keepalive_rps", "close_cps", "bulk_gbps"):
             for fam in FAMILIES:
@@ -868,11 +870,14 @@ def report(results: Results, settings: Settings, command: str, mach: dict[str, s
                 sec = settings.seconds
                 pps = statistics.median(u.packets / sec for u in us)
                 per_m = statistics.median(u.worker_cpu / u.packets * 1e6 for u in us if u.packets)
-                busy = statistics.median(u.worker_cpu / sec for u in us)
+                # The run with the median total (upper one of two), with its split.
+                mid = sorted(us, key=lambda u: u.worker_cpu)[len(us) // 2]
+                busy = mid.worker_cpu / sec
+                split = " + ".join(f"{w / sec:.2f}" for w in mid.worker_split)
                 sup = statistics.median(u.supervisor_cpu for u in us)
                 drops = sum(u.queue_drops for u in us)
                 out.append(f"| {METRICS[key][0]} | v{fam} | {pps:,.0f} | {per_m:.1f} | "
-                           f"{busy:.2f} | {sup:.2f} | {drops} |")
+                           f"{busy:.2f} = {split} | {sup:.2f} | {drops} |")
         if mem := results.memory.get("loaded"):
             rss = {k: max(m.get(k, 0.0) for m in mem) for k in mem[0]}
             out += ["", "loaded memory (VmRSS after the run, max over runs): " +

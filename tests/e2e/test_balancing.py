@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -282,3 +284,22 @@ def test_dead_daemon_fails_open_or_closed_then_recovers(lab: Lab, daemon_factory
     assert who(lab, lab.clients4[0], lab.vip4)[1] == lab.clients4[0]
     assert again.stop() == 0
     assert kernel_state(lab) == before
+
+
+def test_nameserver_traffic_is_masqueraded_not_balanced(lab: Lab, daemon_factory: Any) -> None:
+    ns_addr = lab.rt_pub4  # the router plays the nameserver (replies from this address)
+    server = lab.exec("rt", [sys.executable, "-m", "loaded.lab.server", "--name", "dns",
+                             "--port", "53", "--udp-port", "53"], stdout=subprocess.PIPE)
+    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    d: Daemon = daemon_factory("ns.conf", NS=ns_addr).start()
+    b = lab.backends[0]
+    for kind in ("udp", "tcp"):
+        if kind == "udp":
+            line = traffic.udp_request(None, ns_addr, 53, timeout=5, attempts=3, ns=b.ns)
+        else:
+            line = traffic.tcp_request(None, ns_addr, 53, timeout=5, ns=b.ns)
+        # the nameserver sees the balancer's own public address, not the VIP
+        assert line.split() == ["dns", lab.lb_pub4]
+    assert who(lab, lab.clients4[0], lab.vip4)[1] == lab.clients4[0]  # balancing goes on
+    assert d.stop() == 0
+    server.terminate()
