@@ -151,6 +151,10 @@ def run_daemon(args: argparse.Namespace, config: Config, path: str) -> int:
         print("loaded: must run as root (it sets up the kernel and binds queues)",
               file=sys.stderr)
         return 1
+    if config.datapath != "perpacket":
+        print(f"loaded: datapath={config.datapath} is not available in this version; "
+              "use datapath=perpacket", file=sys.stderr)
+        return EXIT_CONFIG
     if args.failover or config.failover:
         print("loaded: warning: failover checks (-f) are not part of this build yet; "
               "backends stay as configured", file=sys.stderr)

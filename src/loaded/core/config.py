@@ -122,6 +122,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from loaded.core.errors import ConfigError, Problem
 from loaded.core.pool import MAX_WEIGHT, IPAddress, State
+from loaded.core.strategies import STRATEGIES as _STRATEGY_CLASSES
+from loaded.core.strategies import is_prime
 
 __all__ = [
     "DATAPATHS",
@@ -133,7 +135,7 @@ __all__ = [
     "parse_config",
 ]
 
-STRATEGIES: frozenset[str] = frozenset({"rr", "weighted", "wrr", "lc", "sh", "maglev"})
+STRATEGIES: frozenset[str] = frozenset(_STRATEGY_CLASSES)
 DATAPATHS: frozenset[str] = frozenset({"perpacket", "conntrack"})
 
 # Maglev needs a prime table size so that every backend's permutation visits
@@ -431,19 +433,6 @@ def _ifname(value: str) -> str:
     return value
 
 
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    f = 3
-    while f * f <= n:
-        if n % f == 0:
-            return False
-        f += 2
-    return True
-
-
 # --------------------------------------------------------------------------
 # The parser
 
@@ -711,7 +700,7 @@ class _Parser:
                 continue
             try:
                 size = _int(val, MAGLEV_MIN_TABLE, MAGLEV_MAX_TABLE)
-                if not _is_prime(size):
+                if not is_prime(size):
                     raise _Bad(f"{_q(val)} is not a prime")
             except _Bad as e:
                 self.error(ln.no, f"strategy: table_size: {e}")

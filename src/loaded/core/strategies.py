@@ -427,21 +427,14 @@ class WeightedRoundRobin(Strategy):
             self._cycle = cycle
 
 
-class SourceHash(Strategy):
-    """``sh``: ``table[stable_hash(client) % size]`` over a slot table apportioned by weight.
+class _HashTable(Strategy):
+    """A lookup table indexed by a stable hash of the client: ``sh`` and ``maglev``.
 
-    The table has max(4096, 16 n) slots, shared out by largest remainder with at
-    least one slot per eligible backend, each backend's slots in one run in pool
-    order. Any change of the eligible set or weights remaps most clients; maglev
-    is the consistent alternative.
+    Subclasses only say how the table is built from the eligible backends.
     """
 
-    name = "sh"
     resteers = True
     __slots__ = ("_size", "_table")
-
-    MIN_SLOTS: ClassVar[int] = 4096
-    SLOTS_PER_BACKEND: ClassVar[int] = 16
 
     def __init__(self, pool: Pool) -> None:
         super().__init__(pool)
@@ -459,15 +452,35 @@ class SourceHash(Strategy):
         if not self._sync():
             return
         backends = self._eligible()
-        if not backends:
-            self._table, self._size = [None], 1
-            return
+        table: list[Backend | None] = self._build(backends) if backends else [None]
+        self._table, self._size = table, len(table)
+
+    def _build(self, backends: list[Backend]) -> list[Backend | None]:
+        raise NotImplementedError
+
+
+class SourceHash(_HashTable):
+    """``sh``: ``table[stable_hash(client) % size]`` over a slot table apportioned by weight.
+
+    The table has max(4096, 16 n) slots, shared out by largest remainder with at
+    least one slot per eligible backend, each backend's slots in one run in pool
+    order. Any change of the eligible set or weights remaps most clients; maglev
+    is the consistent alternative.
+    """
+
+    name = "sh"
+    __slots__ = ()
+
+    MIN_SLOTS: ClassVar[int] = 4096
+    SLOTS_PER_BACKEND: ClassVar[int] = 16
+
+    def _build(self, backends: list[Backend]) -> list[Backend | None]:
         size = max(self.MIN_SLOTS, self.SLOTS_PER_BACKEND * len(backends))
         counts = apportion([b.weight for b in backends], size)
         table: list[Backend | None] = []
         for b, count in zip(backends, counts, strict=True):
             table.extend([b] * count)
-        self._table, self._size = table, size
+        return table
 
 
 def apportion(weights: list[int], seats: int) -> list[int]:
@@ -559,7 +572,7 @@ def maglev_table(backends: list[Backend], size: int) -> list[Backend | None]:
                 return table  # every slot holds a backend now
 
 
-class Maglev(Strategy):
+class Maglev(_HashTable):
     """``maglev``: ``table[stable_hash(client) % M]`` over a Maglev table of the eligible backends.
 
     Consistent: when a backend leaves, its clients are spread over the others and
@@ -569,32 +582,16 @@ class Maglev(Strategy):
     """
 
     name = "maglev"
-    resteers = True
-    __slots__ = ("_size", "_table", "table_size")
+    __slots__ = ("table_size",)
 
     def __init__(self, pool: Pool, table_size: int = 65537) -> None:
         if not is_prime(table_size):
             raise ValueError(f"maglev table size {table_size} is not prime")
         super().__init__(pool)
         self.table_size = table_size
-        self._table: list[Backend | None] = [None]
-        self._size = 1
 
-    def choose(self, client: bytes) -> Backend | None:
-        if self._version != self.pool.version:
-            self._rebuild()
-        return self._table[
-            _from_bytes(_blake2b(client, digest_size=8).digest(), "little") % self._size]
-
-    def _rebuild(self) -> None:
-        if not self._sync():
-            return
-        backends = self._eligible()
-        if not backends:
-            self._table, self._size = [None], 1
-            return
-        self._table = maglev_table(backends, self.table_size)
-        self._size = self.table_size
+    def _build(self, backends: list[Backend]) -> list[Backend | None]:
+        return maglev_table(backends, self.table_size)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

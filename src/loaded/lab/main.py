@@ -15,12 +15,12 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
+from loaded.core.config import STRATEGIES
 from loaded.lab import traffic
 from loaded.lab.balancer import Balancer, BalancerError
 from loaded.lab.topology import Lab, LabError, sigterm_as_exit
 
 PORT = 8080
-STRATEGIES = ("rr", "weighted", "wrr", "lc", "sh", "maglev")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=4, help="client addresses (default 4)")
     p.add_argument("--requests", type=int, default=5,
                    help="TCP and UDP requests per client and family (default 5)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="rr")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="rr")
     p.add_argument("--family", choices=("4", "6", "both"), default="both")
     p.add_argument("--mtu", type=int, default=1500, help="MTU of the client link")
     p.add_argument("--keep", type=float, default=0, metavar="SECONDS",
