@@ -182,12 +182,13 @@ def lab_dir(lab: Lab) -> Path:
     return d
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, exact at the time of the call (unlike a
-    counter that a daemon writes out once a second)."""
+def proc_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, exact at the time of the call
+    (unlike a counter that a daemon writes out once a second)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -380,6 +381,7 @@ class Usage:
     packets: int  # through the queues (a GSO super-packet counts once)
     worker_cpu: float
     worker_split: tuple[float, ...]  # CPU seconds of each worker
+    worker_system: float  # of worker_cpu, in the kernel (netlink, the queue's copies)
     supervisor_cpu: float
     queue_drops: int
 
@@ -478,8 +480,7 @@ class Loaded(Mode):
         conf = lab.write_config(lab_dir(lab) / "loaded.conf", FIRST_CORE=0, LAST_CORE=1)
         self.log_path = lab_dir(lab) / "loaded.log"
         # `timeout` sends SIGTERM, so even an orphaned daemon undoes its set-up.
-        argv = ["timeout", "-s", "TERM", str(self.lifetime),
-                sys.executable, "-m", "loaded", "-D", "-c", str(conf)]
+        argv = ["timeout", "-s", "TERM", str(self.lifetime), *self.daemon_argv(conf)]
         with open(self.log_path, "wb") as log:
             self.proc = lab.exec("lb", argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.READY_TIMEOUT
@@ -489,6 +490,9 @@ class Loaded(Mode):
             time.sleep(0.05)
         self.stats_path = Path("/run/loaded") / f"{m.group(1)}.stats.json"
         wait_for("loaded's stats file", lambda: len(self.worker_pids()) == 2)
+
+    def daemon_argv(self, conf: Path) -> list[str]:
+        return [sys.executable, "-m", "loaded", "-D", "-c", str(conf)]
 
     def log(self) -> str:
         assert self.log_path is not None
@@ -512,7 +516,8 @@ class Loaded(Mode):
         assert isinstance(pid, int)
         return pid
 
-    def _counters(self) -> tuple[tuple[int, ...], int, int, tuple[float, ...], float]:
+    def _counters(self) -> tuple[tuple[int, ...], int, int, tuple[tuple[float, float], ...],
+                                 float]:
         # The kernel's per-queue id_sequence counts every packet queued, exact
         # at any moment; the stats file lags by up to two seconds.
         pids = tuple(self.worker_pids())
@@ -523,7 +528,7 @@ class Loaded(Mode):
                 drops += int(cols[5]) + int(cols[6])
                 packets += int(cols[7])
         workers = tuple(proc_cpu_seconds(p) for p in pids)
-        return pids, packets, drops, workers, proc_cpu_seconds(self.supervisor_pid())
+        return pids, packets, drops, workers, sum(proc_cpu_seconds(self.supervisor_pid()))
 
     def usage_begin(self) -> object:
         return self._counters()
@@ -537,13 +542,22 @@ class Loaded(Mode):
             # again) and is another process: nothing to subtract.
             raise BenchError(f"loaded's workers changed during the measurement "
                              f"({list(pids0)} -> {list(pids1)}); see the daemon log")
-        split = tuple(b - a for a, b in zip(w0, w1, strict=True))
-        return Usage(p1 - p0, sum(split), split, s1 - s0, d1 - d0)
+        split = tuple(sum(b) - sum(a) for a, b in zip(w0, w1, strict=True))
+        system = sum(b[1] - a[1] for a, b in zip(w0, w1, strict=True))
+        return Usage(p1 - p0, sum(split), split, system, s1 - s0, d1 - d0)
 
     def memory(self) -> dict[str, float]:
         mem = {f"worker{i}": proc_rss_mib(p) for i, p in enumerate(self.worker_pids())}
         mem["supervisor"] = proc_rss_mib(self.supervisor_pid())
         return mem
+
+    def packets_per_batch(self) -> float | None:
+        """Packets answered per sendmsg over the whole run so far (from the workers'
+        own counters: each burst read from the queue is answered by one send)."""
+        workers = self.stats().get("workers", [])
+        assert isinstance(workers, list)
+        batches = sum(int(w.get("batches", 0)) for w in workers)
+        return sum(int(w.get("packets", 0)) for w in workers) / batches if batches else None
 
     def stop(self) -> list[str]:
         if self.proc is None:
@@ -605,6 +619,7 @@ class Results:
     usage: dict[tuple[str, int, str], list[Usage]] = field(default_factory=dict)
     busy: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)
     memory: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    batch: list[float] = field(default_factory=list)  # loaded: packets per verdict send
     seen: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -732,6 +747,8 @@ def run_mode(results: Results, mode: Mode, run: int, settings: Settings, lifetim
                 run_family(results, mode, lab, family, run, settings)
             if mem := mode.memory():
                 results.memory.setdefault(mode.name, []).append(mem)
+            if isinstance(mode, Loaded) and (ppb := mode.packets_per_batch()) is not None:
+                results.batch.append(ppb)
         except BenchError as e:
             results.note(run, mode.name, None, str(e))
         finally:
@@ -860,8 +877,9 @@ def report(results: Results, settings: Settings, command: str, mach: dict[str, s
                 "counted by the kernel's queues, a GSO super-packet once; CPU from "
                 "/proc/PID/stat):", "",
                 "| workload | IP | packets/s through the queues | worker CPU s / M packets | "
-                "workers busy (cores: sum = w0 + w1) | supervisor CPU s | queue drops |",
-                "|---|---|---:|---:|---:|---:|---:|"]
+                "of which in the kernel | workers busy (cores: sum = w0 + w1) | "
+                "supervisor CPU s | queue drops |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
         for key in ("keepalive_rps", "close_cps", "bulk_gbps"):
             for fam in FAMILIES:
                 us = results.usage.get(("loaded", fam, key), [])
@@ -873,15 +891,20 @@ def report(results: Results, settings: Settings, command: str, mach: dict[str, s
                 # The run with the median total (upper one of two), with its split.
                 mid = sorted(us, key=lambda u: u.worker_cpu)[len(us) // 2]
                 busy = mid.worker_cpu / sec
+                kernel = statistics.median(u.worker_system / u.worker_cpu for u in us
+                                           if u.worker_cpu)
                 split = " + ".join(f"{w / sec:.2f}" for w in mid.worker_split)
                 sup = statistics.median(u.supervisor_cpu for u in us)
                 drops = sum(u.queue_drops for u in us)
                 out.append(f"| {METRICS[key][0]} | v{fam} | {pps:,.0f} | {per_m:.1f} | "
-                           f"{busy:.2f} = {split} | {sup:.2f} | {drops} |")
+                           f"{kernel:.0%} | {busy:.2f} = {split} | {sup:.2f} | {drops} |")
         if mem := results.memory.get("loaded"):
             rss = {k: max(m.get(k, 0.0) for m in mem) for k in mem[0]}
             out += ["", "loaded memory (VmRSS after the run, max over runs): " +
                     ", ".join(f"{k} {v:.1f} MiB" for k, v in rss.items()) + "."]
+        if results.batch:
+            out += ["", "loaded packets per burst (one recv loop, one verdict sendmsg), over "
+                    f"each whole run: {', '.join(f'{b:.2f}' for b in results.batch)}."]
 
     out += ["", f"Cores busy on the whole machine during each measurement (of {mach['nproc']}; "
             "clients, servers, kernel and balancer together), median:", "",
@@ -1012,7 +1035,7 @@ def main() -> int:
             "usage": {f"{m}/v{f}/{k}": [u.__dict__ for u in us]
                       for (m, f, k), us in results.usage.items()},
             "busy": {f"{m}/v{f}/{k}": v for (m, f, k), v in results.busy.items()},
-            "memory": results.memory, "notes": results.notes,
+            "memory": results.memory, "batch": results.batch, "notes": results.notes,
         }
         args.json.write_text(json.dumps(raw, indent=1))
     return 0

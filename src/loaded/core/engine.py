@@ -60,7 +60,7 @@ from loaded.core.packet import (
     rewrite_embedded,
     set_icmp_checksum,
 )
-from loaded.core.pool import Backend, IPAddress, Pool
+from loaded.core.pool import Backend, IPAddress, Pool, State
 from loaded.core.strategies import Strategy, make_strategy
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -103,6 +103,64 @@ class Engine:
 
     def service(self, vip: IPAddress) -> Service | None:
         return (self._vip4 if vip.version == 4 else self._vip6).get(vip.packed)
+
+    # --- changes of the pools, from health checks or the operator ---------------
+
+    def _require(self, vip: IPAddress) -> Service:
+        svc = self.service(vip)
+        if svc is None:
+            raise KeyError(f"no service for VIP {vip}")
+        return svc
+
+    def set_state(self, vip: IPAddress, ip: IPAddress, state: State, now: float,
+                  cut: bool = True) -> Backend:
+        """Change a backend's state. Going down with ``cut``, its clients move at once
+        (their connections get reset by their new backend); without, they stay
+        with it (it keeps serving existing clients, as if draining) until it
+        comes back or they go idle."""
+        svc = self._require(vip)
+        if state is State.DOWN and not cut:
+            state = State.DRAINING
+        b = svc.pool.set_state(ip, state)
+        if state is State.DOWN:
+            svc.table.backend_down(b, now)
+        return b
+
+    def add_backend(self, vip: IPAddress, ip: IPAddress, weight: int = 1,
+                    state: State = State.UP) -> Backend:
+        """Add a backend; one already there takes the weight and state given."""
+        pool = self._require(vip).pool
+        if ip in pool:
+            pool.set_weight(ip, weight)
+            return pool.set_state(ip, state)
+        return pool.add(ip, weight, state)
+
+    def remove_backend(self, vip: IPAddress, ip: IPAddress, now: float) -> Backend:
+        svc = self._require(vip)
+        b = svc.pool.remove(ip)
+        svc.table.backend_down(b, now)
+        return b
+
+    def set_weight(self, vip: IPAddress, ip: IPAddress, weight: int) -> Backend:
+        return self._require(vip).pool.set_weight(ip, weight)
+
+    def apply(self, command: dict[str, object], now: float) -> Backend:
+        """Carry out one pool command as the supervisor sends it to workers:
+        ``{"op": "state"|"add"|"remove"|"weight", "vip": ..., "backend": ..., ...}``."""
+        op = command.get("op")
+        vip = ipaddress.ip_address(str(command["vip"]))
+        ip = ipaddress.ip_address(str(command["backend"]))
+        if op == "state":
+            return self.set_state(vip, ip, State(str(command["state"])), now,
+                                  cut=bool(command.get("cut", True)))
+        if op == "add":
+            return self.add_backend(vip, ip, int(str(command.get("weight", 1))),
+                                    State(str(command.get("state", "up"))))
+        if op == "remove":
+            return self.remove_backend(vip, ip, now)
+        if op == "weight":
+            return self.set_weight(vip, ip, int(str(command["weight"])))
+        raise ValueError(f"unknown pool command {op!r}")
 
     # --- the hot path -----------------------------------------------------------
 

@@ -41,6 +41,7 @@ RESTART_DELAY = 1.0
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 NEIGHBOUR_RETRY = 5.0
+REPLAY_ORDER = ("remove", "add", "weight", "state")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class _Child:
     spec: WorkerSpec
     pid: int = 0
     fd: int = -1
+    control: int = -1  # write end of the worker's command pipe
     buf: bytes = b""
     last: dict[str, object] = field(default_factory=dict)
     ready: bool = False
@@ -69,6 +71,9 @@ class Supervisor:
                               drop_privileges))
             for i, (q, core) in enumerate(zip(plan.queues, plan.cores, strict=True))]
         self.stopping = False
+        # The latest pool command of each kind per (VIP, backend): what a restarted
+        # worker replays to catch up with the others.
+        self.desired: dict[tuple[str, str], dict[str, dict[str, object]]] = {}
         self._wake_r, self._wake_w = os.pipe()
         self._started = time.monotonic()
 
@@ -76,30 +81,64 @@ class Supervisor:
 
     def _spawn(self, child: _Child) -> None:
         r, w = os.pipe()
+        cr, cw = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 os.close(r)
+                os.close(cw)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 for other in self.children:
-                    if other.fd >= 0:
-                        os.close(other.fd)
+                    for fd in (other.fd, other.control):
+                        if fd >= 0:
+                            os.close(fd)
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.set_blocking(cr, False)
                 engine = build_engine(self.config, time.monotonic(), self.families,
                                       worker=child.spec.index)
-                code = Worker(child.spec, engine, w).run()
+                code = Worker(child.spec, engine, w, cr).run()
             except BaseException:
                 log.exception("event=worker-failed queue=%d", child.spec.queue)
             finally:
                 os._exit(code)
         os.close(w)
+        os.close(cr)
         os.set_blocking(r, False)
-        child.pid, child.fd, child.buf, child.ready = pid, r, b"", False
+        if child.control >= 0:
+            os.close(child.control)
+        child.pid, child.fd, child.buf, child.ready, child.control = pid, r, b"", False, cw
+        # A new worker starts from the config: bring it up to date first.
+        for ops in self.desired.values():
+            for op in REPLAY_ORDER:
+                if op in ops:
+                    self._send(child, ops[op])
         log.info("event=worker-started queue=%d core=%d pid=%d", child.spec.queue,
                  child.spec.core, pid)
+
+    def command(self, command: dict[str, object]) -> None:
+        """Send a pool command to every worker (and to every future one)."""
+        key = (str(command["vip"]), str(command["backend"]))
+        op = str(command["op"])
+        ops = self.desired.setdefault(key, {})
+        if op == "remove":
+            ops.clear()
+        elif op == "add":
+            ops.pop("remove", None)
+        ops[op] = command
+        for child in self.children:
+            if child.pid:
+                self._send(child, command)
+
+    @staticmethod
+    def _send(child: _Child, command: dict[str, object]) -> None:
+        line = json.dumps(command).encode() + b"\n"
+        try:
+            os.write(child.control, line)
+        except OSError as e:  # a dying worker: its replacement replays everything
+            log.warning("event=command-lost queue=%d error=%s", child.spec.queue, e)
 
     def _reap(self) -> None:
         while True:

@@ -38,10 +38,13 @@ class WorkerSpec:
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, engine: Engine, report_fd: int) -> None:
+    def __init__(self, spec: WorkerSpec, engine: Engine, report_fd: int,
+                 control_fd: int = -1) -> None:
         self.spec = spec
         self.engine = engine
         self.report_fd = report_fd
+        self.control_fd = control_fd
+        self._control_buf = b""
         self.drops: Counter[str] = Counter()
         self.stopping = False
         self._next_report = 0.0
@@ -68,6 +71,28 @@ class Worker:
         for svc in self.engine.services:
             svc.table.expire(now)
         self.report()
+
+    def on_control(self) -> None:
+        """Pool commands from the supervisor, one JSON object per line."""
+        try:
+            data = os.read(self.control_fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:  # the supervisor is gone: so are we
+            self.stopping = True
+            return
+        *lines, self._control_buf = (self._control_buf + data).split(b"\n")
+        now = time.monotonic()
+        for line in lines:
+            try:
+                command = json.loads(line)
+                b = self.engine.apply(command, now)
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("event=bad-command queue=%d command=%r error=%s", self.spec.queue,
+                            line[:200], e)
+                continue
+            log.debug("event=applied queue=%d op=%s backend=%s state=%s", self.spec.queue,
+                      command.get("op"), b.ip, b.state.value)
 
     def snapshot(self) -> dict[str, object]:
         q = self.queue
@@ -136,7 +161,8 @@ class Worker:
                  os.getpid(), spec.user or "root")
         self.report()
         try:
-            self.queue.run(self.on_packet, lambda: self.stopping, self.tick)
+            watch = {self.control_fd: self.on_control} if self.control_fd >= 0 else {}
+            self.queue.run(self.on_packet, lambda: self.stopping, self.tick, watch=watch)
         finally:
             self.report()
             self.queue.close()

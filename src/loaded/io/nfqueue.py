@@ -171,12 +171,18 @@ class NfQueue:
                 return
 
     def run(self, handler: Handler, should_stop: Callable[[], bool],
-            tick: Callable[[], None] | None = None, poll_ms: int = 200) -> None:
-        """Serve packets until ``should_stop()``; ``tick`` runs between bursts."""
+            tick: Callable[[], None] | None = None, poll_ms: int = 200,
+            watch: dict[int, Callable[[], None]] | None = None) -> None:
+        """Serve packets until ``should_stop()``; ``tick`` runs between bursts;
+        ``watch`` maps other file descriptors to what to call when they are readable
+        (the worker's control pipe)."""
         sock = self.sock
         fd = sock.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN)
+        watch = watch or {}
+        for other in watch:
+            poller.register(other, select.POLLIN)
         recv_into = sock.recv_into
         bufs, views, headers, hviews = self._bufs, self._views, self._headers, self._hviews
         stats = self.stats
@@ -187,12 +193,16 @@ class NfQueue:
         num = self.num
         while not should_stop():
             try:
-                if not poller.poll(poll_ms):
-                    if tick is not None:
-                        tick()
-                    continue
+                ready = poller.poll(poll_ms)
             except InterruptedError:
                 continue
+            if not ready:
+                if tick is not None:
+                    tick()
+                continue
+            for rfd, _ in ready:
+                if rfd != fd:
+                    watch[rfd]()
             out: list[memoryview | bytes] = []
             out_bytes = 0
             i = 0
