@@ -51,14 +51,17 @@ key                value
 ``VIP6``           the IPv6 virtual address
 ``server4``        an IPv4 backend; repeat the line for each one.
                    Options: ``weight=0..65535`` (default 1; 0 takes no new
-                   clients), ``state=up|down|drain|draining`` (default up)
+                   clients), ``state=up|down|drain|draining`` (default up),
+                   ``check=icmp|tcp|http|https|udp|none`` (this backend's
+                   health check, default the global ``check``)
 ``server6``        an IPv6 backend; same options
 ``strategy``       ``rr`` (default), ``weighted``, ``wrr``, ``lc``, ``sh``,
                    ``maglev``. Option, maglev only: ``table_size``, a prime
                    in 7..1000003 (default 65537)
-``broadcast``      IPv4 address the failover check pings to find backends
-``port_alive``     TCP port the failover check connects to, 1..65535 (80)
-``check_cycle``    seconds between failover checks, 0 < s <= 86400 (30)
+``broadcast``      IPv4 address failover pings to discover hosts (default:
+                   the broadcast address of RIP4, when that is given)
+``port_alive``     the service port the health check probes, 1..65535 (80)
+``check_cycle``    seconds between two discoveries, 0 < s <= 86400 (30)
 ``nfq_len``        NFQUEUE length in packets, 1..1048576 (4096)
 ``failover``       the bare word, or ``failover=yes|no|1|0|true|false|on|off``
                    (default off)
@@ -96,6 +99,60 @@ New in this implementation:
 ``gso``               ``yes|no`` (yes): take GSO super-packets from the queue
 ====================  ========================================================
 
+Health checks and failover
+==========================
+
+``failover`` turns checking on; the keys below then say how. Without it they
+have no effect (a warning says so) and every backend keeps its configured
+state. With it, every backend is probed every ``check_interval`` seconds, all
+of them at once, and every ``check_cycle`` seconds hosts are discovered by an
+ICMP echo to ``broadcast`` (IPv4) and to all-nodes ``ff02::1`` on
+``private_NIC`` (IPv6). The meaning of the rise/fall counts is HAProxy's: a
+backend that is down needs ``rise`` successes in a row to come up, one that is
+up needs ``fall`` failures in a row to go down. Configured backends start up;
+hosts found by discovery start down.
+
+=====================  =======================================================
+``check``              ``tcp`` (default: connect to ``check_port``, the
+                       original's check), ``http``, ``https`` (GET
+                       ``http_path``, expect ``http_status``; no certificate
+                       verification), ``udp`` (see ``udp_payload``), ``icmp``
+                       (echo), ``none`` (never probed: always up)
+``check_port``         port of the tcp/http/https/udp check, 1..65535
+                       (default: ``port_alive``)
+``check_interval``     seconds between two probes of one backend,
+                       0 < s <= 3600 (2)
+``check_timeout``      seconds a probe may take, 0 < s <= ``check_interval``
+                       (1, or ``check_interval`` when that is shorter);
+                       a timeout above the interval is an error
+``rise``               successes in a row that bring a backend up, 1..100 (2)
+``fall``               failures in a row that take a backend down, 1..100 (3)
+``http_path``          path of the http/https check: starts with ``/``,
+                       printable ASCII without blanks, at most 1024 bytes (/)
+``http_status``        the status the http/https check expects, 100..599 (200)
+``udp_payload``        what the udp check sends: text (sent as UTF-8), or
+                       ``hex:`` and an even number of hex digits; at most
+                       1024 bytes. Given, only a reply counts as success.
+                       Not given (default): an empty datagram, and success
+                       unless an ICMP port unreachable comes back within
+                       ``check_timeout`` (no application protocol: silence
+                       is all a UDP service owes)
+``hotplug``            ``yes|no`` (no): whether a host that discovery finds
+                       in RIP4/RIP6, and that is not a backend, becomes one
+                       (once it passes ``rise`` checks); off, it is only
+                       logged. Needs the RIP network of every family with a
+                       VIP, ``private_NIC`` for IPv6, and a check other than
+                       ``none``
+``on_backend_down``    ``cut`` (default): the clients of a backend that went
+                       down move to others at once (their connections are
+                       reset by the new backend); ``keep``: they stay with it
+                       until it comes back or they go idle
+``no_backend``         when no backend is up: ``refuse`` (default), the packet
+                       goes to the balancer's own stack, which refuses it at
+                       once (TCP reset, ICMP port unreachable); ``drop``:
+                       silence, the client retries until it times out
+=====================  =======================================================
+
 Checks across lines
 ===================
 
@@ -126,8 +183,11 @@ from loaded.core.strategies import STRATEGIES as _STRATEGY_CLASSES
 from loaded.core.strategies import is_prime
 
 __all__ = [
+    "CHECKS",
     "DATAPATHS",
     "KEYS",
+    "NO_BACKEND",
+    "ON_BACKEND_DOWN",
     "STRATEGIES",
     "BackendSpec",
     "Config",
@@ -137,6 +197,9 @@ __all__ = [
 
 STRATEGIES: frozenset[str] = frozenset(_STRATEGY_CLASSES)
 DATAPATHS: frozenset[str] = frozenset({"perpacket", "conntrack"})
+CHECKS: frozenset[str] = frozenset({"icmp", "tcp", "http", "https", "udp", "none"})
+ON_BACKEND_DOWN: frozenset[str] = frozenset({"cut", "keep"})
+NO_BACKEND: frozenset[str] = frozenset({"refuse", "drop"})
 
 # Maglev needs a prime table size so that every backend's permutation visits
 # every slot; the bounds keep the table from being uselessly small or huge.
@@ -149,17 +212,24 @@ MAX_NFQ_LEN = 1_048_576
 MAX_CHECK_CYCLE = 86400.0
 MAX_CLIENT_TIMEOUT = 604800.0
 MAX_CLIENT_TABLE = 100_000_000
+MAX_CHECK_INTERVAL = 3600.0
+MAX_RISE_FALL = 100
+MAX_HTTP_PATH = 1024
+# A probe that fits one datagram on any link: fragments are often filtered.
+MAX_UDP_PAYLOAD = 1024
+DEFAULT_CHECK_TIMEOUT = 1.0
 IFNAMSIZ = 16  # Linux: 15 bytes and the terminating NUL
 
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """One ``server4``/``server6`` line."""
+    """One ``server4``/``server6`` line. ``check`` None: the global ``check``."""
 
     ip: IPv4Address | IPv6Address
     weight: int = 1
     state: State = State.UP
     line: int = 0
+    check: str | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +264,18 @@ class Config:
     datapath: str = "perpacket"
     fail_open: bool = False
     gso: bool = True
+    check: str = "tcp"
+    check_port: int = 80
+    check_interval: float = 2.0
+    check_timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    http_path: str = "/"
+    http_status: int = 200
+    udp_payload: bytes = b""
+    hotplug: bool = False
+    on_backend_down: str = "cut"
+    no_backend: str = "refuse"
     warnings: tuple[Problem, ...] = ()
 
     def families(self) -> tuple[int, ...]:
@@ -445,16 +527,24 @@ class _Line:
     options: tuple[tuple[str, str], ...]
 
 
+# Keys that configure checks: without failover they do nothing, which a
+# warning says.
+_HEALTH_KEYS = (
+    "check", "check_port", "check_interval", "check_timeout", "rise", "fall",
+    "http_path", "http_status", "udp_payload", "hotplug", "on_backend_down",
+    "no_backend",
+)
 # Keys that may be given once. private_GW is once per family, checked apart.
 _SINGLE = frozenset({
     "VIP4", "VIP6", "strategy", "broadcast", "port_alive", "check_cycle", "nfq_len",
     "failover", "VIP4net", "VIP6net", "FIRST_CORE", "LAST_CORE", "RIP4", "RIP6",
     "public_NIC", "private_NIC", "client_timeout", "client_table_max", "datapath",
     "fail_open", "gso",
+    *_HEALTH_KEYS,
 })
 _MULTI = frozenset({"server4", "server6", "NS", "private_GW"})
 KEYS: frozenset[str] = _SINGLE | _MULTI
-_SERVER_OPTIONS = ("state", "weight")
+_SERVER_OPTIONS = ("check", "state", "weight")
 _FAMILY_KEY = {"server4": 4, "server6": 6}
 
 
@@ -493,6 +583,19 @@ class _Parser:
         self.datapath = "perpacket"
         self.fail_open = False
         self.gso = True
+        self.check = "tcp"
+        self.check_port: int | None = None  # None: port_alive
+        self.check_interval = 2.0
+        self.check_timeout: float | None = None  # None: DEFAULT_CHECK_TIMEOUT or less
+        self.rise = 2
+        self.fall = 3
+        self.http_path = "/"
+        self.http_status = 200
+        self.udp_payload = b""
+        self.hotplug = False
+        self.on_backend_down = "cut"
+        self.no_backend = "refuse"
+        self.server_check_lines: list[int] = []
 
         self.handlers: dict[str, Callable[[_Line], None]] = {
             "VIP4": self._vip, "VIP6": self._vip,
@@ -514,6 +617,18 @@ class _Parser:
             "datapath": self._datapath,
             "fail_open": self._fail_open,
             "gso": self._gso,
+            "check": self._check,
+            "check_port": self._check_port,
+            "check_interval": self._check_seconds,
+            "check_timeout": self._check_seconds,
+            "rise": self._rise_fall,
+            "fall": self._rise_fall,
+            "http_path": self._http_path,
+            "http_status": self._http_status,
+            "udp_payload": self._udp_payload,
+            "hotplug": self._hotplug,
+            "on_backend_down": self._on_backend_down,
+            "no_backend": self._no_backend,
         }
         assert set(self.handlers) == KEYS
 
@@ -659,6 +774,7 @@ class _Parser:
         family = _FAMILY_KEY[ln.key]
         ip: IPAddress | None = None
         weight, state = 1, State.UP
+        check: str | None = None
         try:
             ip = _address(ln.value, family)
             _check_unicast(ln.value, ip)
@@ -675,6 +791,8 @@ class _Parser:
                         raise _Bad(f"{_q(val)} is not a state (known: up, down, drain, "
                                    f"draining)")
                     state = _STATES[val]
+                elif name == "check":
+                    check = _choice(val, CHECKS, "check")
                 else:
                     raise _Bad(f"unknown option '{name}={val}' "
                                f"(known: {', '.join(_SERVER_OPTIONS)})")
@@ -682,8 +800,10 @@ class _Parser:
                 what = f"{ln.key}: {name}: {e}" if name in _SERVER_OPTIONS else f"{ln.key}: {e}"
                 self.error(ln.no, what)
                 ok = False
+        if check is not None:
+            self.server_check_lines.append(ln.no)
         if ip is not None and ok:
-            self.servers[family].append(BackendSpec(ip, weight, state, ln.no))
+            self.servers[family].append(BackendSpec(ip, weight, state, ln.no, check))
 
     def _strategy(self, ln: _Line) -> None:
         self.strategy = _choice(ln.value, STRATEGIES, "strategy")
@@ -812,6 +932,75 @@ class _Parser:
         self._no_options(ln)
         self.gso = _bool(ln.value)
 
+    def _check(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.check = _choice(ln.value, CHECKS, "check")
+
+    def _check_port(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.check_port = _int(ln.value, 1, 65535)
+
+    def _check_seconds(self, ln: _Line) -> None:
+        self._no_options(ln)
+        s = _seconds(ln.value, 0.0, MAX_CHECK_INTERVAL, lo_inclusive=False)
+        if ln.key == "check_interval":
+            self.check_interval = s
+        else:
+            self.check_timeout = s
+
+    def _rise_fall(self, ln: _Line) -> None:
+        self._no_options(ln)
+        n = _int(ln.value, 1, MAX_RISE_FALL)
+        if ln.key == "rise":
+            self.rise = n
+        else:
+            self.fall = n
+
+    def _http_path(self, ln: _Line) -> None:
+        self._no_options(ln)
+        path = ln.value
+        if not path.startswith("/"):
+            raise _Bad(f"{_q(path)} does not start with '/'")
+        # The path goes into the request line as it is: a blank or a control
+        # character would end it or smuggle a header in.
+        if not all("!" <= c <= "~" for c in path):
+            raise _Bad(f"{_q(path)} holds a blank, a control or a non-ASCII character "
+                       f"(write it percent-encoded)")
+        if len(path) > MAX_HTTP_PATH:
+            raise _Bad(f"{_q(path)} is longer than {MAX_HTTP_PATH} bytes")
+        self.http_path = path
+
+    def _http_status(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.http_status = _int(ln.value, 100, 599)
+
+    def _udp_payload(self, ln: _Line) -> None:
+        self._no_options(ln)
+        value = ln.value
+        if value.startswith("hex:"):
+            digits = value[4:]
+            if not digits or len(digits) % 2 or not re.fullmatch(r"[0-9A-Fa-f]+", digits):
+                raise _Bad(f"{_q(value)}: after 'hex:' an even number of hex digits, "
+                           f"at least two")
+            payload = bytes.fromhex(digits)
+        else:
+            payload = value.encode("utf-8", "surrogateescape")
+        if len(payload) > MAX_UDP_PAYLOAD:
+            raise _Bad(f"{_q(value)} is longer than {MAX_UDP_PAYLOAD} bytes")
+        self.udp_payload = payload
+
+    def _hotplug(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.hotplug = _bool(ln.value)
+
+    def _on_backend_down(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.on_backend_down = _choice(ln.value, ON_BACKEND_DOWN, "on_backend_down value")
+
+    def _no_backend(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.no_backend = _choice(ln.value, NO_BACKEND, "no_backend value")
+
     # -- checks across lines
 
     def cross_check(self) -> None:
@@ -865,6 +1054,40 @@ class _Parser:
             line = self.first_line.get("LAST_CORE") or self.first_line.get("FIRST_CORE", 0)
             self.error(line, f"FIRST_CORE {self.first_core} is greater than LAST_CORE "
                              f"{self.last_core}")
+        self.check_health(vips, rips)
+
+    def check_health(self, vips: dict[int, IPAddress | None],
+                     rips: dict[int, IPv4Network | IPv6Network | None]) -> None:
+        timeout_line = self.first_line.get("check_timeout")
+        if self.check_timeout is None:
+            # An interval below the default timeout needs no second key.
+            self.check_timeout = min(DEFAULT_CHECK_TIMEOUT, self.check_interval)
+        elif self.check_timeout > self.check_interval:
+            self.error(timeout_line or 0,
+                       f"check_timeout {self.check_timeout:g} is longer than "
+                       f"check_interval {self.check_interval:g}: a probe must end "
+                       f"before the next one starts")
+        given = [k for k in _HEALTH_KEYS if k in self.first_line]
+        if not self.failover:
+            lines = [self.first_line[k] for k in given] + self.server_check_lines
+            if lines:
+                names = given + (["check= on server lines"] if self.server_check_lines
+                                 else [])
+                self.warn(min(lines), f"{', '.join(names)}: no effect without failover "
+                                      f"(add a line 'failover')")
+            return
+        hotplug_line = self.first_line.get("hotplug", 0)
+        if self.hotplug and self.check == "none":
+            self.error(hotplug_line, "hotplug=yes needs a check: with check=none a "
+                                     "discovered host could never come up")
+        if self.hotplug:
+            for f in (4, 6):
+                if vips[f] is not None and rips[f] is None:
+                    self.error(hotplug_line, f"hotplug=yes needs RIP{f}: only hosts "
+                                             f"inside the real-server network are added")
+            if vips[6] is not None and self.private_nic is None:
+                self.error(hotplug_line, "hotplug=yes needs private_NIC: IPv6 discovery "
+                                         "pings all nodes on that link")
 
     def result(self) -> Config:
         self.cross_check()
@@ -901,6 +1124,19 @@ class _Parser:
             datapath=self.datapath,
             fail_open=self.fail_open,
             gso=self.gso,
+            check=self.check,
+            check_port=self.port_alive if self.check_port is None else self.check_port,
+            check_interval=self.check_interval,
+            check_timeout=(DEFAULT_CHECK_TIMEOUT if self.check_timeout is None
+                           else self.check_timeout),
+            rise=self.rise,
+            fall=self.fall,
+            http_path=self.http_path,
+            http_status=self.http_status,
+            udp_payload=self.udp_payload,
+            hotplug=self.hotplug,
+            on_backend_down=self.on_backend_down,
+            no_backend=self.no_backend,
             warnings=tuple(problems),
         )
 

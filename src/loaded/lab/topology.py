@@ -186,6 +186,7 @@ class Lab:
         self._lock_fd: int | None = None
         self._lock_path: Path | None = None
         self._started = False
+        self._owner_pid = 0
         self._torn_down = False
         self._mutex = threading.RLock()
 
@@ -228,6 +229,7 @@ class Lab:
         if self._started:
             raise LabError("lab already started")
         self._started = True
+        self._owner_pid = os.getpid()
         if os.geteuid() != 0:
             raise PermissionError("the lab needs root (network namespaces)")
         if self.clean_stale:
@@ -244,6 +246,10 @@ class Lab:
     def teardown(self) -> None:
         """Kill tracked processes and everything else left in the lab's
         namespaces, delete the namespaces and the marker. Idempotent."""
+        if os.getpid() != self._owner_pid:
+            # A forked child (pyroute2 forks to create namespaces) unwinding through
+            # `with Lab()` must not tear down its parent's lab.
+            return
         with self._mutex:
             if self._torn_down or not self._started:
                 return
@@ -932,7 +938,13 @@ def sigterm_as_exit() -> None:
     """Make SIGTERM raise SystemExit in the main thread, so `with Lab()` tears
     down when a long-running lab command is terminated."""
 
+    owner = os.getpid()
+
     def handler(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            # A forked helper process (pyroute2's) inherits this handler: it must
+            # just die, not unwind its copy of the caller's stack.
+            os._exit(128 + signum)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
