@@ -577,7 +577,8 @@ def test_backend_options() -> None:
     ("weight=", "server4: weight: '' is not a whole number"),
     ("state=sleeping", "server4: state: 'sleeping' is not a state (known: up, down, drain"),
     ("state=UP", "server4: state: 'UP' is not a state"),
-    ("color=red", "server4: unknown option 'color=red' (known: state, weight)"),
+    ("color=red", "server4: unknown option 'color=red' (known: check, state, weight)"),
+    ("check=smtp", "server4: check: 'smtp' is not a check (known: http, https, icmp"),
     ("weight=1 weight=2", "server4: option 'weight' given twice"),
     ("heavy", "server4: unexpected word 'heavy' (options are written name=value)"),
     ("=3", "server4: unexpected word '=3'"),
@@ -616,6 +617,210 @@ def test_maglev_table_size(size: int) -> None:
 def test_strategy_option_errors(line: str, message: str) -> None:
     p = only_error(V4 + line + "\n")
     assert p.line == 3 and message in p.message, p.message
+
+
+# --------------------------------------------------------------------------
+# Health checks and failover
+
+F4 = V4 + "failover\n"
+F46 = ("VIP4=198.18.0.10\nserver4=198.19.0.1\nVIP6=2001:db8:1::10\n"
+       "server6=2001:db8:2::1\nfailover\n")
+
+
+def test_health_defaults() -> None:
+    c = parse(F4)
+    assert (c.check, c.check_port, c.check_interval, c.check_timeout) == ("tcp", 80, 2.0, 1.0)
+    assert (c.rise, c.fall) == (2, 3)
+    assert (c.http_path, c.http_status, c.udp_payload) == ("/", 200, b"")
+    assert (c.hotplug, c.on_backend_down, c.no_backend) == (False, "cut", "refuse")
+    assert c.servers4[0].check is None
+    assert c.warnings == ()
+    # The dataclass's own defaults agree with the parser's.
+    d = Config(path="x")
+    assert (d.check, d.check_port, d.check_interval, d.check_timeout, d.rise, d.fall,
+            d.http_path, d.http_status, d.udp_payload, d.hotplug, d.on_backend_down,
+            d.no_backend) == ("tcp", 80, 2.0, 1.0, 2, 3, "/", 200, b"", False, "cut",
+                              "refuse")
+
+
+def test_check_port_defaults_to_port_alive() -> None:
+    assert parse(F4 + "port_alive=8080\n").check_port == 8080
+    assert parse(F4 + "port_alive=8080\ncheck_port=9000\n").check_port == 9000
+    assert parse(F4 + "check_port=9000\n").port_alive == 80
+
+
+@pytest.mark.parametrize(("line", "field", "expected"), [
+    ("check=icmp", "check", "icmp"),
+    ("check=tcp", "check", "tcp"),
+    ("check=http", "check", "http"),
+    ("check=https", "check", "https"),
+    ("check=udp", "check", "udp"),
+    ("check=none", "check", "none"),
+    ("check_port=1", "check_port", 1),
+    ("check_port=65535", "check_port", 65535),
+    ("check_interval=0.1", "check_interval", 0.1),
+    ("check_interval=3600", "check_interval", 3600.0),
+    ("check_timeout=0.25", "check_timeout", 0.25),
+    ("check_timeout=2", "check_timeout", 2.0),
+    ("rise=1", "rise", 1),
+    ("rise=100", "rise", 100),
+    ("fall=1", "fall", 1),
+    ("fall=100", "fall", 100),
+    ("http_path='/healthz?full=1&x=%20'", "http_path", "/healthz?full=1&x=%20"),
+    ("http_status=100", "http_status", 100),
+    ("http_status=599", "http_status", 599),
+    ("udp_payload=ping", "udp_payload", b"ping"),
+    ("udp_payload='hello world'", "udp_payload", b"hello world"),
+    ("udp_payload=hex:00ff10", "udp_payload", b"\x00\xff\x10"),
+    ("udp_payload=hex:ABcd", "udp_payload", b"\xab\xcd"),
+    ("hotplug=no", "hotplug", False),
+    ("on_backend_down=cut", "on_backend_down", "cut"),
+    ("on_backend_down=keep", "on_backend_down", "keep"),
+    ("no_backend=refuse", "no_backend", "refuse"),
+    ("no_backend=drop", "no_backend", "drop"),
+])
+def test_valid_health_value(line: str, field: str, expected: object) -> None:
+    c = parse(F4 + line + "\n")
+    assert getattr(c, field) == expected
+    assert c.warnings == ()
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("check=ping", "check: 'ping' is not a check (known: http, https, icmp, none, tcp, udp)"),
+    ("check=TCP", "check: 'TCP' is not a check"),
+    ("check_port=0", "check_port: '0' is out of range 1..65535"),
+    ("check_port=65536", "check_port: '65536' is out of range 1..65535"),
+    ("check_interval=0", "check_interval: '0' is out of range 0 < s <= 3600"),
+    ("check_interval=3601", "check_interval: '3601' is out of range"),
+    ("check_interval=-1", "check_interval: '-1' is not a number of seconds"),
+    ("check_timeout=0", "check_timeout: '0' is out of range 0 < s"),
+    ("check_timeout=2.5", "check_timeout 2.5 is longer than check_interval 2"),
+    ("rise=0", "rise: '0' is out of range 1..100"),
+    ("rise=101", "rise: '101' is out of range 1..100"),
+    ("fall=0", "fall: '0' is out of range 1..100"),
+    ("fall=1000", "fall: '1000' is out of range 1..100"),
+    ("http_path=health", "http_path: 'health' does not start with '/'"),
+    ("http_path='/a b'", "http_path: '/a b' holds a blank"),
+    ("http_path=/é", "http_path: '/é' holds a blank, a control or a non-ASCII"),
+    ("http_path=/" + "a" * 1024, "is longer than 1024 bytes"),
+    ("http_status=99", "http_status: '99' is out of range 100..599"),
+    ("http_status=600", "http_status: '600' is out of range 100..599"),
+    ("udp_payload=hex:", "udp_payload: 'hex:': after 'hex:' an even number of hex digits"),
+    ("udp_payload=hex:abc", "udp_payload: 'hex:abc': after 'hex:'"),
+    ("udp_payload=hex:zz", "udp_payload: 'hex:zz': after 'hex:'"),
+    ("udp_payload=" + "x" * 1025, "is longer than 1024 bytes"),
+    ("hotplug=maybe", "hotplug: 'maybe' is not yes or no"),
+    ("on_backend_down=drop", "on_backend_down: 'drop' is not a on_backend_down value "
+                             "(known: cut, keep)"),
+    ("no_backend=reset", "no_backend: 'reset' is not a no_backend value (known: drop, refuse)"),
+    ("rise=2 fall=3", "rise: takes no options"),
+])
+def test_invalid_health_value(line: str, message: str) -> None:
+    p = only_error(F4 + line + "\n")
+    assert message in p.message, p.message
+
+
+def test_check_timeout_may_equal_the_interval() -> None:
+    c = parse(F4 + "check_interval=0.5\ncheck_timeout=0.5\n")
+    assert (c.check_interval, c.check_timeout) == (0.5, 0.5)
+
+
+def test_short_interval_shortens_the_default_timeout() -> None:
+    # Not an error: the operator set only the interval.
+    c = parse(F4 + "check_interval=0.4\n")
+    assert (c.check_interval, c.check_timeout) == (0.4, 0.4)
+    assert parse(F4 + "check_interval=5\n").check_timeout == 1.0
+
+
+def test_check_timeout_above_interval_names_the_timeout_line() -> None:
+    p = only_error(F4 + "check_timeout=3\ncheck_interval=2.5\n")
+    assert p.line == 4
+    assert p.message.startswith("check_timeout 3 is longer than check_interval 2.5")
+
+
+@pytest.mark.parametrize("key_line", ["check=tcp", "rise=2", "hotplug=no", "no_backend=drop"])
+def test_health_key_set_twice(key_line: str) -> None:
+    p = only_error(F4 + f"{key_line}\n{key_line}\n")
+    assert p.line == 5 and "set twice, first on line 4" in p.message
+
+
+def test_per_backend_check() -> None:
+    c = parse("VIP4=198.18.0.10\nserver4=198.19.0.1 weight=3 check=http\n"
+              "server4=198.19.0.2\nserver4=198.19.0.3 check=none state=drain\nfailover\n")
+    assert [(b.ip, b.weight, b.check) for b in c.servers4] == [
+        (IPv4Address("198.19.0.1"), 3, "http"), (IPv4Address("198.19.0.2"), 1, None),
+        (IPv4Address("198.19.0.3"), 1, "none")]
+    assert c.servers4[2].state is State.DRAINING
+    assert c.warnings == ()
+
+
+def test_health_keys_without_failover_warn_once() -> None:
+    c = parse(V4 + "rise=3\ncheck=http\nserver4=198.19.0.2 check=icmp\n")
+    assert [str(w) for w in c.warnings] == [
+        "t.conf:3: warning: check, rise, check= on server lines: no effect without "
+        "failover (add a line 'failover')"]
+    # Values are still read and checked.
+    assert (c.rise, c.check, c.servers4[1].check) == (3, "http", "icmp")
+    assert only_error(V4 + "rise=0\n").line == 3
+
+
+def test_original_failover_keys_without_failover_do_not_warn() -> None:
+    c = parse(V4 + "port_alive=8080\ncheck_cycle=10\nbroadcast=198.19.0.255\n")
+    assert c.warnings == ()
+
+
+@pytest.mark.parametrize("form", ["failover\n", "failover=yes\n", "failover=on\n"])
+def test_failover_forms_silence_the_warning(form: str) -> None:
+    assert parse(V4 + form + "check=icmp\n").warnings == ()
+
+
+def test_hotplug_needs_rip_of_each_family_and_private_nic_for_ipv6() -> None:
+    assert errors(F46 + "hotplug=yes\n") == [
+        "t.conf:6: error: hotplug=yes needs RIP4: only hosts inside the real-server "
+        "network are added",
+        "t.conf:6: error: hotplug=yes needs RIP6: only hosts inside the real-server "
+        "network are added",
+        "t.conf:6: error: hotplug=yes needs private_NIC: IPv6 discovery pings all "
+        "nodes on that link",
+    ]
+    c = parse(F46 + "hotplug=yes\nRIP4=198.19.0.0/24\nRIP6=2001:db8:2::/64\n"
+                    "private_NIC=eth1\n")
+    assert c.hotplug is True and c.warnings == ()
+    # One family, one network.
+    assert parse(F4 + "hotplug=yes\nRIP4=198.19.0.0/24\n").hotplug is True
+
+
+def test_hotplug_needs_a_check() -> None:
+    p = only_error(F4 + "RIP4=198.19.0.0/24\nhotplug=yes\ncheck=none\n")
+    assert p.line == 5 and "check=none" in p.message
+
+
+def test_hotplug_without_failover_only_warns() -> None:
+    c = parse(V4 + "hotplug=yes\n")
+    assert c.hotplug is True
+    assert [w.message for w in c.warnings] == [
+        "hotplug: no effect without failover (add a line 'failover')"]
+
+
+def test_health_settings_survive_restrict() -> None:
+    c = parse(F46 + "check=http\nrise=5\nserver6=2001:db8:2::2 check=icmp\n")
+    r = c.restrict(6)
+    assert (r.check, r.rise) == ("http", 5)
+    assert [b.check for b in r.servers6] == [None, "icmp"]
+
+
+def test_health_config_is_valid_shell() -> None:
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no sh")
+    text = (F4 + "server4=198.19.0.2 weight=2 check=http\ncheck=https\n"
+                 "udp_payload='hello world'\nhttp_path=/health?a=1\nrise=3 \n"
+                 'echo "$check $udp_payload $http_path $rise $weight"\n')
+    out = subprocess.run([sh, "-c", text], capture_output=True, text=True, check=True)
+    assert out.stdout == "https hello world /health?a=1 3 2\n"
+    c = parse(text)
+    assert (c.check, c.udp_payload, c.http_path, c.rise) == ("https", b"hello world",
+                                                             "/health?a=1", 3)
 
 
 # --------------------------------------------------------------------------
