@@ -170,9 +170,9 @@ def http_get(lab: Lab, host: str, timeout: float = 2.0) -> str:
     return body.decode(errors="replace").strip()
 
 
-# Files of this run (server configs, logs, rulesets): a directory of our own
-# rather than the lab's workdir, which a concurrent lab's clean-up was seen to
-# remove in the middle of a run. Set by main(), removed at the end.
+# Files of this run (server configs, logs, rulesets): one directory of our own
+# for the whole run rather than each lab's workdir, which its teardown removes,
+# so that --keep can keep the daemon's logs of every lab. Set by main().
 WORKDIR = Path(tempfile.gettempdir())
 
 
@@ -309,19 +309,11 @@ def nft_load(lab: Lab, ns: str, ruleset: str, name: str) -> None:
 class WrkResult:
     rate: float  # requests/s
     errors: int  # socket errors plus non-2xx answers
-    latency_p99_ms: float | None
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    if not m:
-        raise ValueError(text)
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
 
 def run_wrk(lab: Lab, host: str, seconds: int, conns: int, close: bool) -> WrkResult:
     """wrk from the client namespace; `close` makes every request a new connection."""
-    argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "2s", "--latency"]
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "2s"]
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{url_host(host)}:{HTTP_PORT}/")
@@ -332,8 +324,7 @@ def run_wrk(lab: Lab, host: str, seconds: int, conns: int, close: bool) -> WrkRe
     errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", r.stdout))
     if non2xx := re.search(r"Non-2xx or 3xx responses: (\d+)", r.stdout):
         errors += int(non2xx.group(1))
-    p99 = re.search(r"^\s+99%\s+(\S+)", r.stdout, re.M)
-    return WrkResult(float(m.group(1)), errors, _ms(p99.group(1)) if p99 else None)
+    return WrkResult(float(m.group(1)), errors)
 
 
 def run_iperf3(lab: Lab, host: str, seconds: int) -> float:
@@ -381,7 +372,10 @@ class Usage:
     packets: int  # through the queues (a GSO super-packet counts once)
     worker_cpu: float
     worker_split: tuple[float, ...]  # CPU seconds of each worker
-    worker_system: float  # of worker_cpu, in the kernel (netlink, the queue's copies)
+    # Of worker_cpu, in the kernel: the queue's copies and netlink, and also the
+    # softirq that forwards a packet when its verdict re-injects it (work the
+    # kernel does for every mode, here charged to the worker).
+    worker_system: float
     supervisor_cpu: float
     queue_drops: int
 
@@ -593,22 +587,23 @@ class Loaded(Mode):
         return out
 
 
-MODES: dict[str, Callable[[Settings, int], Mode]] = {
-    "direct": lambda s, life: Direct(),
-    "nft-dnat": lambda s, life: NftDnat(),
-    "loaded": lambda s, life: Loaded(life),
+# name -> a new instance, given the lifetime (s) of the processes it may start
+MODES: dict[str, Callable[[int], Mode]] = {
+    "direct": lambda lifetime: Direct(),
+    "nft-dnat": lambda lifetime: NftDnat(),
+    "loaded": Loaded,
 }
 MODE_DESCRIPTIONS = {"direct": Direct.description, "nft-dnat": NftDnat.description,
                      "loaded": Loaded.description}
 
 # ---------------------------------------------------------------------- runner
 
-METRICS = {  # key: (label, unit, higher is better)
-    "keepalive_rps": ("keep-alive requests/s", "req/s", True),
-    "close_cps": ("new connections/s", "conn/s", True),
-    "bulk_gbps": ("bulk throughput", "Gbit/s", True),
-    "ping_p50_ms": ("ping RTT p50", "ms", False),
-    "ping_p99_ms": ("ping RTT p99", "ms", False),
+METRICS = {  # key: (label, unit)
+    "keepalive_rps": ("keep-alive requests/s", "req/s"),
+    "close_cps": ("new connections/s", "conn/s"),
+    "bulk_gbps": ("bulk throughput", "Gbit/s"),
+    "ping_p50_ms": ("ping RTT p50", "ms"),
+    "ping_p99_ms": ("ping RTT p99", "ms"),
 }
 
 
@@ -663,8 +658,8 @@ def fresh_lab(settings: Settings, lifetime: int) -> Iterator[Lab]:
             lab.start()  # tears down what it built if it fails
             break
         except (LabError, OSError, IndexError) as e:
-            # Seen once here: a veth peer not yet visible in the switch namespace
-            # (IndexError from link_lookup) while other labs were being built.
+            # The lab tears down what it built; retry so that one hiccup of a
+            # shared machine does not cost the whole run (printed, not hidden).
             where = traceback.extract_tb(e.__traceback__)[-1]
             print(f"bench_lab: building the lab failed ({e!r} at {where.filename}:"
                   f"{where.lineno}), attempt {attempt + 1}/3", file=sys.stderr)
@@ -820,28 +815,104 @@ def ratio_cell(values: list[float]) -> str:
     return f"{med} ({min(values):.2f}–{max(values):.2f})"
 
 
+LOADS = ("keepalive_rps", "close_cps", "bulk_gbps")
+
+
+def results_table(results: Results, modes: tuple[str, ...]) -> list[str]:
+    others = [m for m in modes if m != "nft-dnat"] if "nft-dnat" in modes else []
+    head = ["metric", "IP", *modes, *(f"{m} ÷ nft" for m in others)]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for key, (label, unit) in METRICS.items():
+        for fam in FAMILIES:
+            row = [f"{label} ({unit})", f"v{fam}"]
+            row += [cell(results.get(m, fam, key), unit) for m in modes]
+            row += [ratio_cell(results.ratios(m, fam, key)) for m in others]
+            out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+def reference_table(results: Results) -> list[str]:
+    out = ["Against the issue's reference (fraction of nft-dnat, higher is better):", "",
+           "| workload | C++ per-packet balancer | target | loaded v4 | loaded v6 | met |",
+           "|---|---:|---:|---:|---:|---|"]
+    for key, (ref, target) in REFERENCE.items():
+        got = [statistics.median(r) if (r := results.ratios("loaded", f, key)) else None
+               for f in FAMILIES]
+        met = "yes" if all(g is not None and g >= target for g in got) else "no"
+        # Three decimals, so that a "no" at 0.447 does not read as 0.45.
+        cells_ = [f"{g:.3f}" if g is not None else "–" for g in got]
+        out.append(f"| {METRICS[key][0]} | {ref:.2f} | ≥ {target:.2f} | "
+                   f"{' | '.join(cells_)} | {met} |")
+    return out
+
+
+def loaded_table(results: Results, seconds: int) -> list[str]:
+    out = ["What loaded spends (per measurement window, median over runs; packets counted by "
+           "the kernel's queues, a GSO super-packet once; CPU from /proc/PID/stat):", "",
+           "| workload | IP | packets/s through the queues | worker CPU s / M packets | "
+           "of which in the kernel | workers busy (cores: sum = w0 + w1) | "
+           "supervisor CPU s | queue drops |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for key in LOADS:
+        for fam in FAMILIES:
+            us = results.usage.get(("loaded", fam, key), [])
+            if not us:
+                continue
+            pps = statistics.median(u.packets / seconds for u in us)
+            per_m = statistics.median(u.worker_cpu / u.packets * 1e6 for u in us if u.packets)
+            kernel = statistics.median(u.worker_system / u.worker_cpu for u in us
+                                       if u.worker_cpu)
+            # The run with the median total (upper one of two), with its split.
+            mid = sorted(us, key=lambda u: u.worker_cpu)[len(us) // 2]
+            split = " + ".join(f"{w / seconds:.2f}" for w in mid.worker_split)
+            sup = statistics.median(u.supervisor_cpu for u in us)
+            drops = sum(u.queue_drops for u in us)
+            out.append(f"| {METRICS[key][0]} | v{fam} | {pps:,.0f} | {per_m:.1f} | "
+                       f"{kernel:.0%} | {mid.worker_cpu / seconds:.2f} = {split} | "
+                       f"{sup:.2f} | {drops} |")
+    if mem := results.memory.get("loaded"):
+        rss = {k: max(m.get(k, 0.0) for m in mem) for k in mem[0]}
+        out += ["", "loaded memory (VmRSS after the run, max over runs): " +
+                ", ".join(f"{k} {v:.1f} MiB" for k, v in rss.items()) + "."]
+    if results.batch:
+        out += ["", "loaded packets per burst (one recv loop, one verdict sendmsg), over "
+                f"each whole run: {', '.join(f'{b:.2f}' for b in results.batch)}."]
+    return out
+
+
+def busy_table(results: Results, modes: tuple[str, ...], ncpu: str) -> list[str]:
+    out = [f"Cores busy on the whole machine during each measurement (of {ncpu}; clients, "
+           "servers, kernel and balancer together), median:", "",
+           "| workload | IP | " + " | ".join(modes) + " |", "|---|---|" + "---:|" * len(modes)]
+    for key in LOADS:
+        for fam in FAMILIES:
+            row = [f"{statistics.median(b):.2f}" if (b := results.busy.get((m, fam, key)))
+                   else "–" for m in modes]
+            out.append(f"| {METRICS[key][0]} | v{fam} | " + " | ".join(row) + " |")
+    return out
+
+
 def report(results: Results, settings: Settings, command: str, mach: dict[str, str],
            elapsed: float) -> str:
+    """The markdown section: set-up, the tables, and whatever went wrong."""
     modes = settings.modes
-    others = [m for m in modes if m != "nft-dnat"] if "nft-dnat" in modes else []
+    spread = (f"spread over {settings.clients} client addresses by an SNAT rule in the "
+              "client namespace, as wrk cannot bind a source address"
+              if settings.clients > 1 else "from one client address")
     out = [
         SECTION,
         "",
         f"Machine: {mach['nproc']} cores, {mach['cpu']}, kernel {mach['kernel']}, "
-        f"Python {mach['python']}; {mach['tools']}. Load average at start "
-        f"{mach['load']} (the cores are shared with other work: expect noise).",
+        f"Python {mach['python']}; {mach['tools']}. Load average (1, 5, 15 min) at start "
+        f"{mach['load']}, at the end {mach['load_end']} (the cores are shared with other "
+        "work: expect noise).",
         "",
         f"Command: `{command}` ({settings.runs} run(s), {settings.seconds} s per wrk/iperf3 "
         f"measurement, {settings.ping_count} pings, took {elapsed / 60:.1f} min).",
         "",
         "Modes (each in a fresh lab; order rotated between runs):",
         "",
-    ]
-    out += [f"- `{m}`: {MODE_DESCRIPTIONS[m]}" for m in modes]
-    spread = (f"spread over {settings.clients} client addresses by an SNAT rule in the "
-              "client namespace (wrk cannot bind a source address)"
-              if settings.clients > 1 else "from one client address")
-    out += [
+        *(f"- `{m}`: {MODE_DESCRIPTIONS[m]}" for m in modes),
         "",
         f"Load: `wrk -t1 -c{settings.conns} -d{settings.seconds}s` (HTTP {spread}); "
         f"`-H 'Connection: close'` for new connections; `iperf3 -t {settings.seconds}`, one "
@@ -850,71 +921,13 @@ def report(results: Results, settings: Settings, command: str, mach: dict[str, s
         "iperf3 on b1 and b2. Median over runs (min–max); ratios are mode ÷ nft-dnat of the "
         "same run, median (min–max).",
         "",
+        *results_table(results, modes),
     ]
-    head = ["metric", "IP", *modes, *(f"{m} ÷ nft" for m in others)]
-    out += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    for key, (label, unit, _) in METRICS.items():
-        for fam in FAMILIES:
-            row = [f"{label} ({unit})", f"v{fam}"]
-            row += [cell(results.get(m, fam, key), unit) for m in modes]
-            row += [ratio_cell(results.ratios(m, fam, key)) for m in others]
-            out.append("| " + " | ".join(row) + " |")
-
     if "loaded" in modes and "nft-dnat" in modes:
-        out += ["", "Against the issue's reference (fraction of nft-dnat, higher is better):", "",
-                "| workload | C++ per-packet balancer | target | loaded v4 | loaded v6 | met |",
-                "|---|---:|---:|---:|---:|---|"]
-        for key, (ref, target) in REFERENCE.items():
-            meds = [results.ratios("loaded", f, key) for f in FAMILIES]
-            got = [statistics.median(r) if r else None for r in meds]
-            met = "yes" if all(g is not None and g >= target for g in got) else "no"
-            cells_ = [f"{g:.2f}" if g is not None else "–" for g in got]
-            out.append(f"| {METRICS[key][0]} | {ref:.2f} | ≥ {target:.2f} | "
-                       f"{' | '.join(cells_)} | {met} |")
-
+        out += ["", *reference_table(results)]
     if any(k[0] == "loaded" for k in results.usage):
-        out += ["", "What loaded spends (per measurement window, median over runs; packets "
-                "counted by the kernel's queues, a GSO super-packet once; CPU from "
-                "/proc/PID/stat):", "",
-                "| workload | IP | packets/s through the queues | worker CPU s / M packets | "
-                "of which in the kernel | workers busy (cores: sum = w0 + w1) | "
-                "supervisor CPU s | queue drops |",
-                "|---|---|---:|---:|---:|---:|---:|---:|"]
-        for key in ("keepalive_rps", "close_cps", "bulk_gbps"):
-            for fam in FAMILIES:
-                us = results.usage.get(("loaded", fam, key), [])
-                if not us:
-                    continue
-                sec = settings.seconds
-                pps = statistics.median(u.packets / sec for u in us)
-                per_m = statistics.median(u.worker_cpu / u.packets * 1e6 for u in us if u.packets)
-                # The run with the median total (upper one of two), with its split.
-                mid = sorted(us, key=lambda u: u.worker_cpu)[len(us) // 2]
-                busy = mid.worker_cpu / sec
-                kernel = statistics.median(u.worker_system / u.worker_cpu for u in us
-                                           if u.worker_cpu)
-                split = " + ".join(f"{w / sec:.2f}" for w in mid.worker_split)
-                sup = statistics.median(u.supervisor_cpu for u in us)
-                drops = sum(u.queue_drops for u in us)
-                out.append(f"| {METRICS[key][0]} | v{fam} | {pps:,.0f} | {per_m:.1f} | "
-                           f"{kernel:.0%} | {busy:.2f} = {split} | {sup:.2f} | {drops} |")
-        if mem := results.memory.get("loaded"):
-            rss = {k: max(m.get(k, 0.0) for m in mem) for k in mem[0]}
-            out += ["", "loaded memory (VmRSS after the run, max over runs): " +
-                    ", ".join(f"{k} {v:.1f} MiB" for k, v in rss.items()) + "."]
-        if results.batch:
-            out += ["", "loaded packets per burst (one recv loop, one verdict sendmsg), over "
-                    f"each whole run: {', '.join(f'{b:.2f}' for b in results.batch)}."]
-
-    out += ["", f"Cores busy on the whole machine during each measurement (of {mach['nproc']}; "
-            "clients, servers, kernel and balancer together), median:", "",
-            "| workload | IP | " + " | ".join(modes) + " |", "|---|---|" + "---:|" * len(modes)]
-    for key in ("keepalive_rps", "close_cps", "bulk_gbps"):
-        for fam in FAMILIES:
-            row = [f"{statistics.median(b):.2f}" if (b := results.busy.get((m, fam, key)))
-                   else "–" for m in modes]
-            out.append(f"| {METRICS[key][0]} | v{fam} | " + " | ".join(row) + " |")
-
+        out += ["", *loaded_table(results, settings.seconds)]
+    out += ["", *busy_table(results, modes, mach["nproc"])]
     seen = [f"{m} v{f}: {', '.join(sorted(s))}" for (m, f), s in sorted(results.seen.items())]
     out += ["", "Backends answering 8 check requests before the load: " + "; ".join(seen) + "."]
     if results.notes:
@@ -940,21 +953,30 @@ def write_doc(section: str) -> None:
 MAIN_PID = os.getpid()
 
 
+class WatchdogExpired(BaseException):
+    """Not an Exception (nor an OSError, as TimeoutError is), so that no handler
+    of a failed measurement swallows it: it must unwind the whole run."""
+
+
 def _watchdog(signum: int, frame: object) -> None:
-    raise TimeoutError("bench_lab: watchdog: the run took far longer than estimated")
+    raise WatchdogExpired("bench_lab: watchdog: the run took far longer than estimated")
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM: unwind (the `with` blocks tear the labs down) -- but only here.
+def _on_signal(signum: int, frame: object) -> None:
+    """SIGTERM and SIGINT: unwind (the `with` blocks tear the labs down) -- but
+    only in this process.
 
-    pyroute2 creates netns sockets in forked children of this process and stops
-    them with SIGTERM. A child inherits this handler; had it raised SystemExit
-    (as loaded.lab.sigterm_as_exit does) it would unwind through the copy of our
-    stack, through Lab.start's clean-up, and delete the namespaces of the lab
-    being built under our feet (seen here: builds failing at random).
+    pyroute2 creates netns sockets in short-lived forked children of this
+    process and stops them with SIGTERM; a Ctrl-C reaches them too. A child
+    inherits this handler; had it raised (as loaded.lab.sigterm_as_exit does)
+    it would unwind through the copy of our stack, through Lab.start's clean-up,
+    and delete the namespaces of the lab being built under our feet (seen here:
+    lab builds failing at random, IndexError/FileNotFoundError in topology.py).
     """
     if os.getpid() != MAIN_PID:
         os._exit(128 + signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -1000,7 +1022,9 @@ def main() -> int:
     lifetime = int(2 * est + 120)
     signal.signal(signal.SIGALRM, _watchdog)
     signal.alarm(lifetime)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Also SIGINT: a shell that starts us in the background ignores it for us.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
     command = "sudo .venv/bin/python bench/bench_lab.py " + " ".join(sys.argv[1:])
     mach = machine()
     print(f"bench_lab: {settings}; about {est / 60:.1f} min", file=sys.stderr)
@@ -1014,7 +1038,7 @@ def main() -> int:
             order = modes[run % len(modes):] + modes[:run % len(modes)]
             for name in order:
                 print(f"run {run + 1}/{settings.runs}: {name}", file=sys.stderr)
-                run_mode(results, MODES[name](settings, lifetime), run, settings, lifetime)
+                run_mode(results, MODES[name](lifetime), run, settings, lifetime)
     finally:
         signal.alarm(0)
         if args.keep:
@@ -1022,6 +1046,7 @@ def main() -> int:
         else:
             shutil.rmtree(WORKDIR, ignore_errors=True)
     elapsed = time.monotonic() - t0
+    mach["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     text = report(results, settings, command.strip(), mach, elapsed)
     print(text)

@@ -114,7 +114,8 @@ def main() -> int:
         print("profile_lab: py-spy not found (see --help)", file=sys.stderr)
         return 2
     bl.ensure_tools()
-    signal.signal(signal.SIGTERM, bl._on_sigterm)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, bl._on_signal)
     lifetime = args.seconds * 4 + 120
     signal.signal(signal.SIGALRM, bl._watchdog)
     signal.alarm(lifetime)

@@ -155,9 +155,6 @@ def run_daemon(args: argparse.Namespace, config: Config, path: str) -> int:
         print(f"loaded: datapath={config.datapath} is not available in this version; "
               "use datapath=perpacket", file=sys.stderr)
         return EXIT_CONFIG
-    if args.failover or config.failover:
-        print("loaded: warning: failover checks (-f) are not part of this build yet; "
-              "backends stay as configured", file=sys.stderr)
     if args.user is not None:
         import pwd
 
@@ -176,7 +173,7 @@ def run_daemon(args: argparse.Namespace, config: Config, path: str) -> int:
     if not args.foreground:
         detach()
     supervisor = Supervisor(config, families, plan, maxlen=args.qlen or config.nfq_len,
-                            user=args.user)
+                            user=args.user, failover=args.failover)
     return supervisor.run()
 
 

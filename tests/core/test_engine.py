@@ -306,7 +306,9 @@ def test_nameserver_traffic_not_balanced() -> None:
 def test_real_server_net_host_not_a_backend_gets_vip_source() -> None:
     e = engine()
     pkt = raw(ip(4, "198.19.0.200", CLIENTS4[0]) / l4("tcp", b"x", 80, 1))
-    assert e.handle(pkt, 1.0) is None
+    svc = e.service(ipaddress.ip_address(VIP4))
+    assert svc is not None
+    assert e.handle(pkt, 1.0) is svc.unlisted
     assert pkt == raw(ip(4, VIP4, CLIENTS4[0]) / l4("tcp", b"x", 80, 1))
 
 

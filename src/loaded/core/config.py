@@ -163,6 +163,12 @@ VIPs and backends must be unicast: not unspecified, loopback, multicast,
 IPv4 limited broadcast, or (IPv6) IPv4-mapped. Warnings: a backend,
 ``private_GW`` or ``broadcast`` outside RIP4/RIP6 when that is given;
 ``VIP4net``/``VIP6net`` without the VIP; a nameserver listed twice.
+
+Health checks: ``check_timeout`` above ``check_interval`` is an error, and so
+is ``hotplug=yes`` (with failover) with ``check=none``, without the RIP
+network of a family that has a VIP, or, for IPv6, without ``private_NIC``.
+Health keys, or a ``check=`` option on a server line, without failover give
+one warning.
 """
 
 from __future__ import annotations

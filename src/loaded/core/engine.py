@@ -27,8 +27,9 @@ Rules, in the order they are applied to a packet (``Engine.handle``):
 4. Anything else passes unchanged.
 
 A dropped packet raises ``PacketError`` with its reason; ``handle`` returns the
-backend that served the packet (inbound or return), or None when the packet
-passes unchanged. The common shapes (IPv4 without options or fragments, IPv6
+backend that served the packet (inbound or return; ``Service.unlisted`` for a
+real-server host that is not a backend), or None exactly when the packet passes
+unchanged. The common shapes (IPv4 without options or fragments, IPv6
 without extension headers, TCP or UDP, checksums complete) take a fast path
 that gives exactly the result of the general one; tests hold them equal.
 """
@@ -81,6 +82,10 @@ class Service:
         self.strategy = strategy
         self.table = table
         self.real_net = real_net
+        # Stands for the hosts of the real-server network that are not backends:
+        # their replies get the VIP as source too (the original's stateless
+        # return path), and are counted here.
+        self.unlisted = Backend(real_net.network_address if real_net is not None else vip, vip)
 
     @property
     def version(self) -> int:
@@ -299,10 +304,16 @@ class Engine:
 
     def _outbound(self, buf: Buf, p: Packet, svc: Service, b: Backend | None,
                   partial: bool) -> Backend | None:
+        """The return path; ``b`` None for a host of the real-server network that is
+        not a backend (rewritten all the same, counted on ``svc.unlisted``)."""
         proto = p.proto
         if self._nameservers and p.dst in self._nameservers:
             return None  # the backends' own DNS is not balanced traffic
-        delta = b.delta_out if b is not None else address_delta(p.src, svc.addr)
+        if b is None:
+            delta = address_delta(p.src, svc.addr)
+            b = svc.unlisted
+        else:
+            delta = b.delta_out
         if proto == ICMP or proto == ICMPV6:
             if p.first and p.is_icmp_error:
                 q = _checked_error(buf, p)
@@ -313,15 +324,14 @@ class Engine:
                 rewrite(buf, p, p.src_off, svc.addr, delta)
                 rewrite_embedded(buf, q, q.dst_off, svc.addr, inner.delta_out)
                 set_icmp_checksum(buf, p)
-                return inner if b is None else b
+                return inner if b is svc.unlisted else b
             if proto == ICMPV6 and p.first and p.icmp_type in ICMP6_NDP:
                 return None
         elif proto != TCP and proto != UDP:
             raise PacketError(Reason.UNSUPPORTED_PROTOCOL, f"protocol {proto}")
         rewrite(buf, p, p.src_off, svc.addr, delta, partial)
-        if b is not None:
-            b.packets += 1
-            b.bytes += len(buf)
+        b.packets += 1
+        b.bytes += len(buf)
         return b
 
 

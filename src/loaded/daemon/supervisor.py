@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import select
 import signal
 import time
@@ -29,11 +30,13 @@ from pathlib import Path
 
 from loaded.core.config import Config
 from loaded.core.engine import build_engine
-from loaded.core.plan import Plan
+from loaded.core.health import Event, HealthMonitor, HostAdded, pool_command
+from loaded.core.plan import Neighbour, Plan
 from loaded.daemon.worker import Worker, WorkerSpec
 from loaded.io.kernel import JOURNAL_DIR, Kernel, KernelError
 from loaded.io.nfqueue import read_proc_stats
 from loaded.io.privileges import limit_supervisor
+from loaded.io.probes import HealthRunner
 
 log = logging.getLogger("loaded.supervisor")
 
@@ -60,15 +63,18 @@ class _Child:
 class Supervisor:
     def __init__(self, config: Config, families: tuple[int, ...], plan: Plan, *,
                  maxlen: int, user: str | None, drop_privileges: bool = True,
-                 journal_dir: Path = JOURNAL_DIR) -> None:
+                 failover: bool = False, journal_dir: Path = JOURNAL_DIR) -> None:
         self.config = config
+        self.failover = failover or config.failover
+        self.health: HealthRunner | None = None
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.families = families
         self.plan = plan
         self.kernel = Kernel(plan, journal_dir)
         self.stats_path = journal_dir / f"{plan.tag}.stats.json"
         self.children = [
             _Child(WorkerSpec(i, q, core, maxlen, config.fail_open, config.gso, user,
-                              drop_privileges))
+                              drop_privileges, refuse_when_empty=config.no_backend == "refuse"))
             for i, (q, core) in enumerate(zip(plan.queues, plan.cores, strict=True))]
         self.stopping = False
         # The latest pool command of each kind per (VIP, backend): what a restarted
@@ -196,8 +202,11 @@ class Supervisor:
                 log.error("event=startup-failed reason=workers-not-ready")
                 return 1
             self.kernel.apply_rules()
-            log.info("event=started tag=%s families=%s workers=%d", self.plan.tag,
-                     ",".join(map(str, self.families)), len(self.children))
+            if self.failover:
+                self._start_health()
+            log.info("event=started tag=%s families=%s workers=%d failover=%s", self.plan.tag,
+                     ",".join(map(str, self.families)), len(self.children),
+                     "on" if self.failover else "off")
             self._loop()
             return 0
         except KernelError as e:
@@ -216,10 +225,41 @@ class Supervisor:
                 return False
         return False
 
+    # --- health ----------------------------------------------------------------
+
+    def _start_health(self) -> None:
+        own = self.kernel.own_addresses()
+        monitor = HealthMonitor.from_config(self.config, time.monotonic(), self.families,
+                                            own=own)
+        self.health = HealthRunner(monitor, self._on_health_event).start()
+
+    def _on_health_event(self, event: Event) -> None:
+        # The runner's thread: hand over to the main loop and wake it up.
+        self._events.put(event)
+        try:
+            os.write(self._wake_w, b"h")
+        except BlockingIOError:
+            pass
+
+    def _apply_health_events(self) -> None:
+        cut = self.config.on_backend_down == "cut"
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            command = pool_command(event, cut=cut)
+            if command is None:
+                continue
+            self.command(command)
+            if isinstance(event, HostAdded) and self.config.private_nic:
+                self.kernel.unresolved.append(Neighbour(self.config.private_nic, event.ip))
+
     def _loop(self) -> None:
         next_stats = next_neigh = 0.0
         while not self.stopping:
             self._poll(0.5)
+            self._apply_health_events()
             now = time.monotonic()
             for child in self.children:
                 if child.pid == 0 and now >= child.restart_at:
@@ -268,6 +308,8 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         self.stopping = True
+        if self.health is not None:
+            self.health.stop()
         for child in self.children:
             if child.pid:
                 try:

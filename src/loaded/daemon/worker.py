@@ -15,8 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from loaded.core.engine import Engine
-from loaded.core.errors import PacketError
-from loaded.io.nfqueue import ACCEPT, DROP, NfQueue
+from loaded.core.errors import PacketError, Reason
+from loaded.io.nfqueue import ACCEPT, ACCEPT_UNCHANGED, DROP, NfQueue
 from loaded.io.privileges import WORKER_CAPS, drop_privileges
 
 log = logging.getLogger("loaded.worker")
@@ -35,6 +35,7 @@ class WorkerSpec:
     gso: bool
     user: str | None
     drop_privileges: bool = True
+    refuse_when_empty: bool = True  # no_backend=refuse
 
 
 class Worker:
@@ -46,14 +47,21 @@ class Worker:
         self.control_fd = control_fd
         self._control_buf = b""
         self.drops: Counter[str] = Counter()
+        self.refused = 0  # packets refused by the local stack: no backend was up
         self.stopping = False
         self._next_report = 0.0
         self.queue: NfQueue | None = None
 
     def on_packet(self, payload: memoryview, partial: bool) -> int:
         try:
-            self.engine.handle(payload, time.monotonic(), partial)
+            if self.engine.handle(payload, time.monotonic(), partial) is None:
+                return ACCEPT_UNCHANGED
         except PacketError as e:
+            if e.reason is Reason.NO_BACKEND and self.spec.refuse_when_empty:
+                # Unchanged to the balancer's own stack, which owns the VIP and
+                # refuses at once: a reset beats a client hanging on silence.
+                self.refused += 1
+                return ACCEPT_UNCHANGED
             self.drops[e.reason.value] += 1
             return DROP
         except Exception:  # a bug must cost one packet, never the worker or a queue slot
@@ -108,6 +116,7 @@ class Worker:
             "truncated": q.stats.truncated if q else 0,
             "verdict_errors": {str(k): v for k, v in (q.stats.verdict_errors if q else {}).items()},
             "drops": dict(self.drops),
+            "refused": self.refused,
             "cpu_seconds": time.process_time(),
             "services": {
                 str(svc.vip): {

@@ -15,6 +15,7 @@ NFQUEUE and HMARK targets (argument vectors, never shell strings).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from loaded.core.plan import Address, Chain, Neighbour, Plan, Route, Sysctl
+from loaded.core.plan import Address, Chain, IPAddress, Neighbour, Plan, Route, Sysctl
 
 log = logging.getLogger("loaded.kernel")
 
@@ -202,6 +203,15 @@ class Kernel:
                 log.info("event=neighbour-pinned ip=%s lladdr=%s dev=%s", nb.ip, mac, nb.ifname)
                 return True
         return False
+
+    def own_addresses(self) -> list[IPAddress]:
+        """Every address of this host (network namespace): never a backend."""
+        out: list[IPAddress] = []
+        for msg in self._ipr.get_addr():
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr:
+                out.append(ipaddress.ip_address(addr.split("%")[0]))
+        return out
 
     # --- undo ----------------------------------------------------------------
 

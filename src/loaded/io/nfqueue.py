@@ -80,9 +80,11 @@ _VERDICT = struct.Struct("=IHHII" + "BBH" + "HH" + "II" + "HH")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 DROP = 0
-ACCEPT = 1
+ACCEPT = 1  # with the (rewritten) payload
+ACCEPT_UNCHANGED = 2  # without it: the kernel keeps the packet as it was, checksum state too
 
-# handler(payload, checksum_unfinished) -> DROP or ACCEPT; rewrites payload in place.
+# handler(payload, checksum_unfinished) -> DROP, ACCEPT (payload rewritten in place) or
+# ACCEPT_UNCHANGED.
 Handler = Callable[[memoryview, bool], int]
 
 
@@ -251,10 +253,15 @@ class NfQueue:
                     if pad:
                         out.append(_PAD[4 - pad])
                 else:
-                    stats.dropped += 1
+                    if verdict == DROP:
+                        stats.dropped += 1
+                        code = NF_DROP
+                    else:
+                        stats.accepted += 1
+                        code = NF_ACCEPT
                     pack_into(h, 0, _VERDICT.size - 4, msg_type, NLM_F_REQUEST, 0, 0,
                               socket.AF_UNSPEC, 0, socket.htons(num),
-                              12, NFQA_VERDICT_HDR, socket.htonl(NF_DROP), socket.htonl(pid),
+                              12, NFQA_VERDICT_HDR, socket.htonl(code), socket.htonl(pid),
                               0, 0)
                     out.append(hviews[i][:_VERDICT.size - 4])
                 i += 1
