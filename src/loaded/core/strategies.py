@@ -233,6 +233,26 @@ class _LeastLoaded(Strategy):
         heapify(heap)
         self._heap = heap
 
+    def choose(self, client: bytes) -> Backend | None:
+        if self._version != self.pool.version:
+            self._rebuild()
+        heap = self._heap
+        backends = self._backends
+        mask = self._mask
+        key_of = self._key
+        while heap:
+            key = heap[0]
+            pos = key & mask
+            b = backends[pos]
+            current = key_of(b, pos)
+            if key == current:
+                return b
+            if key < current:  # its load went up since: back in at its place
+                heapreplace(heap, current)
+            else:  # a stale entry: the backend has a newer, smaller one
+                heappop(heap)
+        return self._recover() if backends else None
+
     def _recover(self) -> Backend | None:
         # Only reached when counts went down behind the heap's back (no
         # ``released``, no version bump): start again from the current counts.
@@ -254,26 +274,6 @@ class LeastClients(_LeastLoaded):
     def _key(self, b: Backend, pos: int) -> int:
         return b.clients << self._shift | pos
 
-    def choose(self, client: bytes) -> Backend | None:
-        if self._version != self.pool.version:
-            self._rebuild()
-        heap = self._heap
-        backends = self._backends
-        shift = self._shift
-        mask = self._mask
-        while heap:
-            key = heap[0]
-            pos = key & mask
-            b = backends[pos]
-            current = b.clients << shift | pos
-            if key == current:
-                return b
-            if key < current:
-                heapreplace(heap, current)
-            else:
-                heappop(heap)
-        return self._recover() if backends else None
-
 
 class WeightedLeastClients(_LeastLoaded):
     """``lc``: the backend with the least ``(clients + 1) / weight``.
@@ -290,26 +290,6 @@ class WeightedLeastClients(_LeastLoaded):
 
     def _key(self, b: Backend, pos: int) -> int:
         return ((b.clients + 1) << _FRACTION_BITS) // b.weight << self._shift | pos
-
-    def choose(self, client: bytes) -> Backend | None:
-        if self._version != self.pool.version:
-            self._rebuild()
-        heap = self._heap
-        backends = self._backends
-        shift = self._shift
-        mask = self._mask
-        while heap:
-            key = heap[0]
-            pos = key & mask
-            b = backends[pos]
-            current = ((b.clients + 1) << _FRACTION_BITS) // b.weight << shift | pos
-            if key == current:
-                return b
-            if key < current:
-                heapreplace(heap, current)
-            else:
-                heappop(heap)
-        return self._recover() if backends else None
 
 
 class WeightedRoundRobin(Strategy):
