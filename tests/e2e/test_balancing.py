@@ -303,3 +303,17 @@ def test_nameserver_traffic_is_masqueraded_not_balanced(lab: Lab, daemon_factory
     assert who(lab, lab.clients4[0], lab.vip4)[1] == lab.clients4[0]  # balancing goes on
     assert d.stop() == 0
     server.terminate()
+
+
+def test_second_instance_refuses_and_leaves_the_first_alone(lab: Lab,
+                                                           daemon_factory: Any) -> None:
+    first: Daemon = daemon_factory("twice.conf").start()
+    during = kernel_state(lab)
+    second = lab.run("lb", [sys.executable, "-m", "loaded", "-D", "-c", str(first.conf)],
+                     timeout=20)
+    assert second.returncode == 1
+    assert "is running as pid" in second.stderr
+    assert kernel_state(lab) == during
+    assert first.stats()["pid"] != 0 and first.proc is not None and first.proc.poll() is None
+    assert who(lab, lab.clients4[0], lab.vip4)[1] == lab.clients4[0]
+    assert first.stop() == 0

@@ -194,6 +194,10 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w)
         try:
             self.kernel.recover()
+        except KernelError as e:  # e.g. this instance already runs: leave it alone
+            log.error("event=startup-failed error=%s", e)
+            return 1
+        try:
             self.kernel.apply_base()
             limit_supervisor()
             for child in self.children:
