@@ -31,7 +31,7 @@ def find_config(given: str | None) -> str:
     return DEFAULT_CONFIGS[0]
 
 
-def read_config(path: str, err: object = None) -> Config | None:
+def read_config(path: str) -> Config | None:
     """The config at ``path``; problems printed to stderr, None when unusable."""
     try:
         config = load_config(path)
