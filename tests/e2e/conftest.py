@@ -79,3 +79,4 @@ def daemon_factory(lab: Lab) -> Iterator[Any]:
     for d in started:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
+        d.stats_path.unlink(missing_ok=True)

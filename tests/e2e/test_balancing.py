@@ -317,3 +317,39 @@ def test_second_instance_refuses_and_leaves_the_first_alone(lab: Lab,
     assert first.stats()["pid"] != 0 and first.proc is not None and first.proc.poll() is None
     assert who(lab, lab.clients4[0], lab.vip4)[1] == lab.clients4[0]
     assert first.stop() == 0
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_full_queue_fails_open_or_closed(lab: Lab, daemon_factory: Any, fail_open: bool) -> None:
+    import signal as _signal
+
+    d: Daemon = daemon_factory(f"full-{fail_open}.conf", nfq_len=1,
+                               fail_open="yes" if fail_open else "no").start()
+    pids = d.worker_pids()
+    for pid in pids:  # nobody reads the queues: the first packet fills each
+        os.kill(pid, _signal.SIGSTOP)
+    try:
+        raw4 = lab.socket("cl", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        try:  # one packet per client address, so that every queue holds one
+            for c in lab.clients4:
+                raw4.sendto(_ip4(17, struct.pack("!HHHH", 9, 9, 8, 0), c, lab.vip4), (lab.vip4, 0))
+        finally:
+            raw4.close()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as err:
+            traffic.tcp_request(lab.clients4[0], lab.vip4, PORT, timeout=2, ns=lab.ns("cl"))
+        # the kernel's own count: a full queue drops only when failing closed
+        dropped = sum(int(line.split()[5]) for line in lab.run(
+            "lb", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout.splitlines())
+        if fail_open:
+            assert isinstance(err.value, ConnectionRefusedError)  # unbalanced: refused at once
+            assert time.monotonic() - t0 < 1.5
+            assert dropped == 0
+        else:
+            assert isinstance(err.value, TimeoutError)  # dropped
+            assert dropped > 0
+    finally:
+        for pid in pids:
+            os.kill(pid, _signal.SIGCONT)
+    assert d.stop() == 0

@@ -75,6 +75,7 @@ def run(lab: Lab, args: argparse.Namespace, families: tuple[int, ...]) -> int:
     finally:
         code = balancer.stop()
         report_stats(balancer.stats())  # the workers' last words, written at exit
+        balancer.stats_path.unlink(missing_ok=True)
         print(f"balancer stopped (exit {code}); every kernel change it made is undone")
     return 1 if failures or code else 0
 
