@@ -49,7 +49,9 @@ class Balancer:
                                       stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "event=started" in self.log:
+            # Started, and the first stats written (just after the log line), so
+            # that callers can read worker pids and counters at once.
+            if "event=started" in self.log and self.stats_path.exists():
                 return self
             if self.proc.poll() is not None:
                 break
