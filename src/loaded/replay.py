@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
@@ -38,18 +37,15 @@ class Outcome:
 
 
 def replay(config: Config, src: BinaryIO, dst: BinaryIO, out: TextIO = sys.stdout,
-           as_json: bool = False) -> Counter[str]:
-    """Run ``src`` through a fresh engine; return the count of each verdict/reason."""
+           as_json: bool = False) -> None:
+    """Run ``src`` through a fresh engine, one line per packet on ``out``."""
     writer = RawIPWriter(dst)
     engine: Engine | None = None
-    tally: Counter[str] = Counter()
     for index, (ts, packet) in enumerate(read_ip_packets(src)):
         if engine is None:
             engine = build_engine(config, now=ts)
         outcome = _one(engine, index, ts, packet, writer)
-        tally[outcome.reason or outcome.verdict] += 1
         print(outcome.as_json() if as_json else outcome.as_text(), file=out)
-    return tally
 
 
 def _one(engine: Engine, index: int, ts: float, packet: bytes | None,

@@ -59,8 +59,6 @@ ROUTING = 43
 FRAGMENT = 44
 AH = 51
 DSTOPTS = 60
-ESP = 50
-NO_NEXT = 59
 _EXT_8 = frozenset((HOPOPTS, ROUTING, DSTOPTS))
 
 MAX_EXT_HEADERS = 8
@@ -69,7 +67,6 @@ MAX_EXT_HEADERS = 8
 ICMP4_ERRORS = frozenset((3, 11, 12))  # unreachable/frag-needed, time exceeded, parameter
 ICMP6_ERRORS = frozenset((1, 2, 3, 4))  # unreachable, packet too big, time exceeded, parameter
 ICMP4_ECHO_REQUEST = 8
-ICMP4_ECHO_REPLY = 0
 ICMP6_ECHO_REQUEST = 128
 ICMP6_ECHO_REPLY = 129
 # Neighbour discovery and router messages belong to the host that owns the address.

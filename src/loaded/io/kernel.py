@@ -94,10 +94,6 @@ class Kernel:
 
     # --- apply ---------------------------------------------------------------
 
-    def apply(self) -> None:
-        self.apply_base()
-        self.apply_rules()
-
     def apply_base(self) -> None:
         """Sysctls, addresses and routes: what must exist before the workers run."""
         for s in self.plan.sysctls:

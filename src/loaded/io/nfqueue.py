@@ -45,12 +45,10 @@ NFQNL_CFG_CMD_BIND = 1
 NFQNL_CFG_CMD_UNBIND = 2
 NFQNL_COPY_PACKET = 2
 NFQA_CFG_F_FAIL_OPEN = 1
-NFQA_CFG_F_CONNTRACK = 2
 NFQA_CFG_F_GSO = 4
 
 NFQA_PACKET_HDR = 1
 NFQA_VERDICT_HDR = 2
-NFQA_MARK = 3
 NFQA_PAYLOAD = 10
 NFQA_CAP_LEN = 13
 NFQA_SKB_INFO = 14
@@ -64,8 +62,6 @@ SO_SNDBUFFORCE = 32
 _SNDBUF = 4 << 20
 _SEND_BYTES = 1 << 20  # well inside the send buffer: netlink refuses a send larger than it
 _SEND_IOVECS = 900  # below UIO_MAXIOV (1024)
-NETLINK_NO_ENOBUFS = 5
-SOL_NETLINK = 270
 
 MAX_PACKET = 65535
 _RECV_SIZE = MAX_PACKET + 512  # payload plus the netlink and attribute headers
@@ -192,7 +188,11 @@ class NfQueue:
         dontwait = socket.MSG_DONTWAIT
         pack_into = _VERDICT.pack_into
         msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
-        num = self.num
+        # Network byte order once, not per packet (the struct is native order).
+        num_be = socket.htons(self.num)
+        accept_be = socket.htonl(NF_ACCEPT)
+        drop_be = socket.htonl(NF_DROP)
+        htonl = socket.htonl
         while not should_stop():
             try:
                 ready = poller.poll(poll_ms)
@@ -245,8 +245,8 @@ class NfQueue:
                     stats.accepted += 1
                     pad = (4 - plen) & 3
                     pack_into(h, 0, _VERDICT.size + plen + pad, msg_type, NLM_F_REQUEST, 0, 0,
-                              socket.AF_UNSPEC, 0, socket.htons(num),
-                              12, NFQA_VERDICT_HDR, socket.htonl(NF_ACCEPT), socket.htonl(pid),
+                              socket.AF_UNSPEC, 0, num_be,
+                              12, NFQA_VERDICT_HDR, accept_be, htonl(pid),
                               4 + plen, NFQA_PAYLOAD)
                     out.append(hviews[i][:_VERDICT.size])
                     out.append(payload)
@@ -255,13 +255,13 @@ class NfQueue:
                 else:
                     if verdict == DROP:
                         stats.dropped += 1
-                        code = NF_DROP
+                        code = drop_be
                     else:
                         stats.accepted += 1
-                        code = NF_ACCEPT
+                        code = accept_be
                     pack_into(h, 0, _VERDICT.size - 4, msg_type, NLM_F_REQUEST, 0, 0,
-                              socket.AF_UNSPEC, 0, socket.htons(num),
-                              12, NFQA_VERDICT_HDR, socket.htonl(code), socket.htonl(pid),
+                              socket.AF_UNSPEC, 0, num_be,
+                              12, NFQA_VERDICT_HDR, code, htonl(pid),
                               0, 0)
                     out.append(hviews[i][:_VERDICT.size - 4])
                 i += 1

@@ -148,10 +148,3 @@ def limit_supervisor() -> None:
     """The supervisor stays root but gives up every capability it does not use."""
     limit_bounding_set(SUPERVISOR_CAPS)
     capset(SUPERVISOR_CAPS)
-
-
-def effective_caps(pid: int | str = "self") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    raise PrivilegeError(0, "no CapEff in status")
