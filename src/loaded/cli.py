@@ -151,10 +151,6 @@ def run_daemon(args: argparse.Namespace, config: Config, path: str) -> int:
         print("loaded: must run as root (it sets up the kernel and binds queues)",
               file=sys.stderr)
         return 1
-    if config.datapath != "perpacket":
-        print(f"loaded: datapath={config.datapath} is not available in this version; "
-              "use datapath=perpacket", file=sys.stderr)
-        return EXIT_CONFIG
     if args.user is not None:
         import pwd
 

@@ -24,6 +24,20 @@ def test_ones_sum_matches_reference(data: bytes) -> None:
     assert checksum(data) == ~reference_sum(data) & 0xFFFF
 
 
+# Long data takes the numpy branch (little-endian words, swapped back): odd and
+# even lengths, all-zero and all-ones data, every kind of start value.
+@given(st.one_of(st.binary(min_size=250, max_size=3000),
+                 st.integers(250, 70000).map(bytes),
+                 st.integers(250, 3000).map(lambda n: b"\xff" * n)),
+       st.integers(0, 0x3FFFF), st.booleans())
+def test_long_ones_sum_matches_reference(data: bytes, start: int, view: bool) -> None:
+    ref = reference_sum(data) + start
+    ref = (ref & 0xFFFF) + (ref >> 16)
+    ref = (ref & 0xFFFF) + (ref >> 16)
+    buf = memoryview(bytearray(data)) if view else data
+    assert ones_sum(buf, start) == ref
+
+
 @given(st.binary(min_size=4, max_size=64).filter(lambda b: len(b) % 2 == 0),
        st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4))
 def test_update_equals_recomputation(data: bytes, old: bytes, new: bytes) -> None:

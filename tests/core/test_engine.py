@@ -361,3 +361,78 @@ def test_random_bytes_through_engine_raise_only_packet_error(data: bytes) -> Non
             e.handle(bytearray(head + data), 1.0)
         except PacketError:
             pass
+
+
+# --- the conntrack data path: decide() ---------------------------------------
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("proto", ["tcp", "udp", "icmp"])
+def test_decide_chooses_like_handle_and_rewrites_nothing(family: int, proto: str) -> None:
+    vip, clients, backends, _ = addrs(family)
+    by_handle, by_decide = engine(), engine()
+    for c in clients * 2:
+        pkt = raw(ip(family, c, vip) / l4(proto, b"first", family=family))
+        before = bytes(pkt)
+        b = by_decide.decide(pkt, 1.0)
+        assert b is not None and bytes(pkt) == before
+        assert str(b.ip) == handle(by_handle, bytearray(before))
+        assert b.mark == (0x4C420000 | (0x8000 if family == 6 else 0) | b.index)
+        assert str(b.ip) in backends
+
+
+def test_decide_passes_what_is_not_to_a_vip_and_neighbour_discovery() -> None:
+    e = engine()
+    assert e.decide(raw(ip(4, BACKENDS4[0], CLIENTS4[0]) / l4("tcp", b"")), 1.0) is None
+    ns = raw(IPv6(src=ROUTER6, dst=VIP6, hlim=255) / ICMPv6ND_NS(tgt=VIP6))
+    assert e.decide(ns, 1.0) is None
+
+
+@pytest.mark.parametrize(
+    "pkt,reason",
+    [
+        (IP(src=CLIENTS4[0], dst=VIP4, proto=47) / Raw(b"gre"), Reason.UNSUPPORTED_PROTOCOL),
+        (IP(src=CLIENTS4[0], dst=VIP4) / ICMP(type=13), Reason.UNSUPPORTED_ICMP),
+        (IP(src=CLIENTS4[0], dst=VIP4) / ICMP(type=3, code=4) / IP(src=VIP4, dst=CLIENTS4[0])
+         / TCP(sport=80, dport=4000), Reason.UNKNOWN_FLOW),
+        (IP(src=CLIENTS4[0], dst=VIP4, proto=6) / Raw(bytes(6)), Reason.TRUNCATED_L4),
+    ],
+)
+def test_decide_refuses_like_handle(pkt: object, reason: Reason) -> None:
+    with pytest.raises(PacketError) as err:
+        engine().decide(raw(pkt), 1.0)  # type: ignore[arg-type]
+    assert err.value.reason is reason
+
+
+def test_decide_with_every_backend_down() -> None:
+    e = engine()
+    svc = e.service(ipaddress.ip_address(VIP6))
+    assert svc is not None
+    for b in BACKENDS6:
+        svc.pool.set_state(ipaddress.ip_address(b), State.DOWN)
+    with pytest.raises(PacketError) as err:
+        e.decide(raw(ip(6, CLIENTS6[0], VIP6) / l4("udp", b"")), 1.0)
+    assert err.value.reason is Reason.NO_BACKEND
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=300)
+def test_decide_on_garbage_raises_only_packet_error(data: bytes) -> None:
+    e = engine()
+    try:
+        e.decide(bytearray(data), 1.0)
+    except PacketError:
+        pass
+
+
+def test_pool_commands_carry_the_index_every_worker_must_agree_on() -> None:
+    e1, e2 = engine(), engine()
+    cmd = {"op": "add", "vip": VIP4, "backend": "198.19.0.77", "weight": 2, "index": 9}
+    b1 = e1.apply(cmd, 1.0)
+    e2.apply({"op": "remove", "vip": VIP4, "backend": BACKENDS4[0]}, 1.0)
+    b2 = e2.apply(cmd, 1.0)
+    assert b1.index == b2.index == 9 and b1.mark == b2.mark
+    nxt = e1.apply({"op": "add", "vip": VIP4, "backend": "198.19.0.78"}, 1.0)
+    assert nxt.index == 10
+    with pytest.raises(ValueError, match="taken"):
+        e1.apply({"op": "add", "vip": VIP4, "backend": "198.19.0.79", "index": 9}, 1.0)

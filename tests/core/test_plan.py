@@ -101,3 +101,49 @@ def test_describe_and_tag() -> None:
     assert instance_tag("/etc/loaded.conf") == instance_tag("/etc/loaded.conf")
     assert instance_tag("/etc/a.conf") != instance_tag("/etc/b.conf")
     assert len(instance_tag("/x")) == 6 and int(instance_tag("/x"), 16) >= 0
+
+
+def test_conntrack_path_queues_only_new_connections() -> None:
+    p = plan("datapath=conntrack\n")
+    assert p.datapath == "conntrack"
+    tables = sorted((c.family, c.table) for c in p.chains)
+    # no NOTRACK and no return-path queue: conntrack carries the flows
+    assert tables == [(4, "mangle"), (4, "nat"), (6, "mangle")]
+    for c in p.chains:
+        if c.table == "mangle":
+            assert c.jump_match[-4:] == ("-m", "conntrack", "--ctstate", "NEW")
+            assert any("HMARK" in r for r in c.rules)
+
+
+def _rules(p: Plan, chain: str) -> list[list[dict[str, object]]]:
+    return [cmd["add"]["rule"]["expr"] for cmd in p.nft
+            if "rule" in cmd.get("add", {}) and cmd["add"]["rule"]["chain"] == chain]
+
+
+def test_conntrack_path_nft_table() -> None:
+    p = plan("datapath=conntrack\n")
+    assert p.nft_table == "loaded_abc123"
+    assert p.nft[0] == {"add": {"table": {"family": "inet", "name": "loaded_abc123"}}}
+    chains = {cmd["add"]["chain"]["name"]: cmd["add"]["chain"] for cmd in p.nft
+              if "chain" in cmd.get("add", {})}
+    assert {n: (c["type"], c["hook"], c["prio"]) for n, c in chains.items()} == {
+        "guard": ("filter", "prerouting", -180),  # after conntrack (-200), before mangle
+        "steer": ("nat", "prerouting", -100),
+        "tally": ("filter", "forward", 0)}
+    steer = _rules(p, "steer")
+    assert [r[0]["match"]["right"] for r in steer] == ["198.18.1.100", "2001:db8:1::100"]
+    assert steer[0][1]["match"]["right"] == {"prefix": {"addr": 0x4C420000, "len": 17}}
+    assert steer[1][1]["match"]["right"] == {"prefix": {"addr": 0x4C428000, "len": 17}}
+    assert steer[1][3]["dnat"]["addr"]["map"]["data"] == "@backends6"
+    guard = _rules(p, "guard")
+    assert all(r[1]["match"]["right"] == "invalid" and r[-1] == {"drop": None} for r in guard)
+    # every configured backend is in the maps, under its pool index
+    elements = [cmd["add"]["element"] for cmd in p.nft if "element" in cmd.get("add", {})]
+    assert [(e["name"], e["elem"][0]) for e in elements if e["name"] != "counters"] == [
+        ("backends4", [0x4C420000, "198.19.0.11"]), ("backends4", [0x4C420001, "198.19.0.12"]),
+        ("backends6", [0x4C428000, "2001:db8:2::11"])]
+    assert "nftables table inet loaded_abc123" in "\n".join(describe(p))
+
+
+def test_per_packet_plan_has_no_nft_table() -> None:
+    assert plan().nft == () and plan().datapath == "perpacket"

@@ -49,6 +49,8 @@ def kernel_state(lab: Lab) -> dict[str, Any]:
         "iptables": rules("iptables-save"),
         "ip6tables": rules("ip6tables-save"),
         "sysctls": sysctls,
+        "nftables": sorted(out("nft", "list", "tables").splitlines()),
+        "conntrack_marks": sorted(out("nft", "list", "ruleset").count(m) for m in ("0x4c42",)),
     }
 
 
@@ -59,17 +61,27 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
+DATAPATHS = ("perpacket", "conntrack")
+
+
+@pytest.fixture(params=DATAPATHS)
+def datapath(request: pytest.FixtureRequest) -> str:
+    """Every end-to-end test that starts a daemon runs on both data paths."""
+    return str(request.param)
+
+
 @pytest.fixture
-def daemon_factory(lab: Lab) -> Iterator[Any]:
+def daemon_factory(lab: Lab, datapath: str) -> Iterator[Any]:
     started: list[Daemon] = []
 
     def make(name: str = "lab.conf", args: tuple[str, ...] = (), text: str | None = None,
              **overrides: Any) -> Daemon:
         assert lab.workdir is not None
-        conf = lab.workdir / name
+        conf = lab.workdir / f"{datapath}-{name}"
         if text is not None:
-            conf.write_text(text)
+            conf.write_text(f"{text.rstrip()}\ndatapath={datapath}\n")
         else:
+            overrides.setdefault("datapath", datapath)
             lab.write_config(conf, **overrides)
         d = Daemon(lab, conf, args)
         started.append(d)

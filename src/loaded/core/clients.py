@@ -127,6 +127,7 @@ class ClientTable:
             counts = self._young_counts
             counts[chosen] = counts.get(chosen, 0) + 1
             chosen.clients += 1
+            chosen.new_clients += 1
         return chosen
 
     # Inspection and explicit changes.
@@ -241,6 +242,67 @@ class ClientTable:
         A live view: do not change the table while iterating.
         """
         return chain(self._young.items(), self._old.items())
+
+    def ages(self, now: float) -> Iterator[tuple[bytes, Backend, float]]:
+        """Every entry that ``expire(now)`` would keep, with the least time it can
+        have been idle at ``now``: 0 for one used in the current grid step (young),
+        the time since that step began for the others (old). Changes nothing.
+
+        A live view: do not change the table while iterating.
+        """
+        young, old, idle = self._view(now)
+        for client, b in young.items():
+            yield client, b, 0.0
+        for client, b in old.items():
+            yield client, b, idle
+
+    def age(self, client: bytes, now: float) -> tuple[Backend, float] | None:
+        """``client``'s entry as ``ages`` would give it, or None. Changes nothing."""
+        young, old, idle = self._view(now)
+        b = young.get(client)
+        if b is not None:
+            return b, 0.0
+        b = old.get(client)
+        return None if b is None else (b, idle)
+
+    def _view(self, now: float) -> tuple[dict[bytes, Backend], dict[bytes, Backend], float]:
+        """(young, old, idle of old) as they would be after ``expire(now)``."""
+        young, old, started = self._young, self._old, self._started
+        if now >= self._deadline:  # the steps expire(now) would take, taken on paper
+            step = self.idle_timeout
+            if int((now - started) // step) >= 2:
+                return {}, {}, 0.0
+            young, old = {}, young
+            started += step
+            if started + step <= now:
+                started = now
+        return young, old, max(0.0, now - started)
+
+    def restore(self, client: bytes, backend: Backend, idle: float, now: float) -> bool:
+        """Put back an entry saved earlier (see ``ages``) that has been idle ``idle``
+        seconds at ``now``, into the generation it would be in had it never left:
+        young when its last use falls in the current grid step, else old. It is
+        forgotten on the usual bounds, counted from that last use.
+
+        False, and nothing changes, when the client has an entry already, ``idle``
+        is ``idle_timeout`` or more, or the generation is full. ``backend`` must be
+        in the pool and serve existing clients (ValueError otherwise).
+        """
+        if self.pool.by_addr(backend.addr) is not backend or not backend.serves_existing:
+            raise ValueError(f"{backend} cannot take restored clients")
+        self.expire(now)
+        if idle >= self.idle_timeout or client in self._young or client in self._old:
+            return False
+        if idle <= now - self._started:
+            entries, counts = self._young, self._young_counts
+        else:
+            entries, counts = self._old, self._old_counts
+        if len(entries) >= self._cap:
+            return False
+        entries[client] = backend
+        counts[backend] = counts.get(backend, 0) + 1
+        backend.clients += 1
+        return True
 
     def __repr__(self) -> str:
         return (f"ClientTable({self.pool.vip}, {len(self)} clients, "

@@ -132,13 +132,13 @@ class Engine:
         return b
 
     def add_backend(self, vip: IPAddress, ip: IPAddress, weight: int = 1,
-                    state: State = State.UP) -> Backend:
+                    state: State = State.UP, index: int | None = None) -> Backend:
         """Add a backend; one already there takes the weight and state given."""
         pool = self._require(vip).pool
         if ip in pool:
             pool.set_weight(ip, weight)
             return pool.set_state(ip, state)
-        return pool.add(ip, weight, state)
+        return pool.add(ip, weight, state, index)
 
     def remove_backend(self, vip: IPAddress, ip: IPAddress, now: float) -> Backend:
         svc = self._require(vip)
@@ -159,8 +159,10 @@ class Engine:
             return self.set_state(vip, ip, State(str(command["state"])), now,
                                   cut=bool(command.get("cut", True)))
         if op == "add":
+            index = command.get("index")
             return self.add_backend(vip, ip, int(str(command.get("weight", 1))),
-                                    State(str(command.get("state", "up"))))
+                                    State(str(command.get("state", "up"))),
+                                    None if index is None else int(str(index)))
         if op == "remove":
             return self.remove_backend(vip, ip, now)
         if op == "weight":
@@ -243,6 +245,45 @@ class Engine:
                                     b.bytes += n
                                     return b
         return self.handle_general(buf, now, partial)
+
+    # --- the conntrack data path --------------------------------------------------
+
+    def decide(self, buf: Buf, now: float) -> Backend | None:
+        """The first packet of a connection (conntrack state NEW): the backend it goes
+        to, by the same rules as ``handle`` for inbound packets, with nothing
+        rewritten: kernel NAT does that, for this packet and the rest of the flow.
+        None: not to a VIP, or neighbour discovery (pass unchanged).
+
+        Replies, ICMP errors (RELATED) and later fragments never come here: conntrack
+        carries them. An ICMP error that is NEW quotes no known connection.
+        """
+        p = parse(buf)
+        svc = (self._vip4 if p.version == 4 else self._vip6).get(p.dst)
+        if svc is None:
+            return None
+        proto = p.proto
+        if proto == ICMP or proto == ICMPV6:
+            if not p.first:  # conntrack reassembles: only a stray fragment gets here
+                return self._chosen(svc, p.src, len(buf), now)
+            t = p.icmp_type
+            if p.is_icmp_error:
+                raise PacketError(Reason.UNKNOWN_FLOW, "ICMP error about no known connection")
+            if proto == ICMPV6 and t in ICMP6_NDP:
+                return None
+            if t != (ICMP4_ECHO_REQUEST if proto == ICMP else ICMP6_ECHO_REQUEST):
+                raise PacketError(Reason.UNSUPPORTED_ICMP, f"type {t}")
+        elif proto != TCP and proto != UDP:
+            raise PacketError(Reason.UNSUPPORTED_PROTOCOL, f"protocol {proto}")
+        return self._chosen(svc, p.src, len(buf), now)
+
+    @staticmethod
+    def _chosen(svc: Service, client: bytes, size: int, now: float) -> Backend:
+        b = svc.table.backend_for(client, now)
+        if b is None:
+            raise PacketError(Reason.NO_BACKEND, str(svc.vip))
+        b.packets += 1
+        b.bytes += size
+        return b
 
     # --- the general path -------------------------------------------------------
 

@@ -40,6 +40,33 @@ Rules of the plan:
   protocol, and every ICMP error about its flows, to one worker and so to one
   client table. NFQUEUE is the iptables target because this kernel has no
   nftables ``queue`` expression.
+- The conntrack data path (``datapath=conntrack``) queues only what conntrack
+  calls NEW: the mangle jump matches ``--ctstate NEW``, and there is no raw and
+  no FORWARD chain. The worker answers with a packet mark naming the backend
+  (``loaded.core.pool.ct_mark``); an nftables table of the daemon's own
+  (``inet loaded_<tag>``, through the JSON API) does the rest:
+
+  =======  =====================  ============================================
+  chain    hook, priority         rules
+  =======  =====================  ============================================
+  guard    prerouting, -180       to a VIP, conntrack state invalid: count
+                                  (counter ``invalid``) and drop
+  steer    prerouting, dstnat     to a VIP with a backend's mark: copy the mark
+                                  to the connection, DNAT to ``@backends4`` /
+                                  ``@backends6`` (maps mark -> address)
+  tally    forward, 0             connections with a backend's mark: count
+                                  packets and bytes, both ways, in the
+                                  backend's counter (map ``@counters``)
+  =======  =====================  ============================================
+
+  guard sits after conntrack (-200) and before mangle (-150), so the queue never
+  sees an invalid packet. Only a connection's first packet passes the NAT
+  chain; conntrack carries every later one, the replies, RELATED ICMP errors
+  and reassembled fragments. A packet accepted without a backend's mark (no
+  backend up, ``no_backend=refuse``) stays addressed to the VIP and the
+  balancer's own stack refuses it. Backends added later are added to the maps
+  at run time; the connection mark lets the daemon delete a backend's
+  connections (``on_backend_down=cut``) with one conntrack flush by mark.
 - Fail-open (``fail_open=yes``): the queue rules carry ``--queue-bypass`` (no
   daemon: packets pass unbalanced, to the balancer's own stack, which refuses
   them at once) and queues are bound with the fail-open flag (a full queue
@@ -50,9 +77,12 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from loaded.core.config import Config
+from loaded.core.pool import CT_MARK_BASE, ct_mark
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -109,6 +139,13 @@ class Plan:
     sysctls: tuple[Sysctl, ...] = ()
     neighbours: tuple[Neighbour, ...] = ()
     chains: tuple[Chain, ...] = field(default=())
+    datapath: str = "perpacket"
+    # The conntrack data path's nftables table: JSON API commands that create it.
+    nft: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def nft_table(self) -> str:
+        return nft_table_name(self.tag)
 
 
 class PlanError(ValueError):
@@ -147,6 +184,9 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
     sysctls: list[Sysctl] = []
     neighbours: list[Neighbour] = []
     chains: list[Chain] = []
+    conntrack = config.datapath == "conntrack"
+    vips: dict[int, IPAddress] = {}
+    initial: list[tuple[int, int, IPAddress]] = []  # (family, index, address)
     for family in families:
         vip: IPAddress | None
         gw: IPAddress | None
@@ -171,9 +211,85 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
         sysctls.extend(_sysctls(family, pub, priv))
         neighbours.extend(Neighbour(priv, s.ip) for s in specs)
         nameservers = [ns for ns in config.nameservers if ns.version == family]
-        chains.extend(_chains(family, tag, vip, rip, nameservers, queues, pub, config.fail_open))
+        chains.extend(_chains(family, tag, vip, rip, nameservers, queues, pub, config.fail_open,
+                              conntrack))
+        vips[family] = vip
+        # Indexes as the engine's pools give them: config order from 0.
+        initial.extend((family, i, s.ip) for i, s in enumerate(specs))
+    nft = nft_ruleset(tag, vips, initial) if conntrack else ()
     return Plan(tag, families, queues, cores, tuple(addresses), tuple(routes),
-                tuple(dict.fromkeys(sysctls)), tuple(neighbours), tuple(chains))
+                tuple(dict.fromkeys(sysctls)), tuple(neighbours), tuple(chains),
+                config.datapath, nft)
+
+
+def nft_table_name(tag: str) -> str:
+    return f"loaded_{tag}"
+
+
+def counter_name(mark: int) -> str:
+    return f"backend_{mark:08x}"
+
+
+def _mark_match(key: dict[str, Any], version: int) -> dict[str, Any]:
+    """``key & 0xffff8000 == base``: a backend's mark of one family."""
+    return {"match": {"op": "==", "left": key, "right": {
+        "prefix": {"addr": ct_mark(version, 0), "len": 17}}}}
+
+
+def nft_backend(tag: str, version: int, index: int, ip: IPAddress) -> list[dict[str, Any]]:
+    """Commands that make ``ip`` a target of the conntrack path under its mark."""
+    t = {"family": "inet", "table": nft_table_name(tag)}
+    mark = ct_mark(version, index)
+    name = counter_name(mark)
+    return [
+        {"add": {"counter": {**t, "name": name}}},
+        {"add": {"element": {**t, "name": f"backends{version}", "elem": [[mark, str(ip)]]}}},
+        {"add": {"element": {**t, "name": "counters", "elem": [[mark, name]]}}},
+    ]
+
+
+def nft_ruleset(tag: str, vips: dict[int, IPAddress],
+                backends: list[tuple[int, int, IPAddress]]) -> tuple[dict[str, Any], ...]:
+    """The conntrack path's table (see the module rules), as nftables JSON commands."""
+    name = nft_table_name(tag)
+    t = {"family": "inet", "table": name}
+    ct_markkey = {"ct": {"key": "mark"}}
+    meta_mark = {"meta": {"key": "mark"}}
+    cmds: list[dict[str, Any]] = [
+        {"add": {"table": {"family": "inet", "name": name}}},
+        {"add": {"counter": {**t, "name": "invalid"}}},
+        {"add": {"map": {**t, "name": "backends4", "type": "mark", "map": "ipv4_addr"}}},
+        {"add": {"map": {**t, "name": "backends6", "type": "mark", "map": "ipv6_addr"}}},
+        {"add": {"map": {**t, "name": "counters", "type": "mark", "map": "counter"}}},
+    ]
+    for chain, kind, hook, prio in (("guard", "filter", "prerouting", -180),
+                                    ("steer", "nat", "prerouting", -100),
+                                    ("tally", "filter", "forward", 0)):
+        cmds.append({"add": {"chain": {**t, "name": chain, "type": kind, "hook": hook,
+                                       "prio": prio, "policy": "accept"}}})
+    for version, vip in sorted(vips.items()):
+        proto = "ip" if version == 4 else "ip6"
+        to_vip = {"match": {"op": "==", "left": {"payload": {"protocol": proto,
+                                                              "field": "daddr"}},
+                            "right": str(vip)}}
+        cmds.append({"add": {"rule": {**t, "chain": "guard", "expr": [
+            to_vip,
+            {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}},
+            {"counter": "invalid"},
+            {"drop": None}]}}})
+        cmds.append({"add": {"rule": {**t, "chain": "steer", "expr": [
+            to_vip,
+            _mark_match(meta_mark, version),
+            {"mangle": {"key": ct_markkey, "value": meta_mark}},
+            {"dnat": {"family": proto, "addr": {"map": {
+                "key": meta_mark, "data": f"@backends{version}"}}}}]}}})
+    cmds.append({"add": {"rule": {**t, "chain": "tally", "expr": [
+        {"match": {"op": "==", "left": ct_markkey,
+                   "right": {"prefix": {"addr": CT_MARK_BASE, "len": 16}}}},
+        {"counter": {"map": {"key": ct_markkey, "data": "@counters"}}}]}}})
+    for version, index, ip in backends:
+        cmds.extend(nft_backend(tag, version, index, ip))
+    return tuple(cmds)
 
 
 def _sysctls(family: int, pub: str, priv: str) -> list[Sysctl]:
@@ -200,7 +316,7 @@ def _queue_target(queues: tuple[int, ...], fail_open: bool) -> tuple[str, ...]:
 
 def _chains(family: int, tag: str, vip: IPAddress, rip: IPNetwork,
             nameservers: list[IPAddress], queues: tuple[int, ...], pub: str,
-            fail_open: bool) -> list[Chain]:
+            fail_open: bool, conntrack: bool = False) -> list[Chain]:
     v = str(vip)
     r = str(rip)
     dns = [(str(ns), proto) for ns in nameservers for proto in ("udp", "tcp")]
@@ -222,11 +338,17 @@ def _chains(family: int, tag: str, vip: IPAddress, rip: IPNetwork,
     out_rules: list[tuple[str, ...]] = [
         ("-d", ns, "-p", p, "--dport", "53", "-j", "RETURN") for ns, p in dns]
     out_rules.append(_queue_target(queues, fail_open))
-    chains = [
-        Chain(family, "raw", "PREROUTING", f"LOADED-RAW-{tag}", (), tuple(raw_rules)),
-        Chain(family, "mangle", "PREROUTING", f"LOADED-IN-{tag}", ("-d", v), tuple(in_rules)),
-        Chain(family, "filter", "FORWARD", f"LOADED-OUT-{tag}", ("-s", r), tuple(out_rules)),
-    ]
+    if conntrack:
+        chains = [Chain(family, "mangle", "PREROUTING", f"LOADED-IN-{tag}",
+                        ("-d", v, "-m", "conntrack", "--ctstate", "NEW"), tuple(in_rules))]
+    else:
+        chains = [
+            Chain(family, "raw", "PREROUTING", f"LOADED-RAW-{tag}", (), tuple(raw_rules)),
+            Chain(family, "mangle", "PREROUTING", f"LOADED-IN-{tag}", ("-d", v),
+                  tuple(in_rules)),
+            Chain(family, "filter", "FORWARD", f"LOADED-OUT-{tag}", ("-s", r),
+                  tuple(out_rules)),
+        ]
     if dns:
         nat = tuple(("-s", r, "-d", ns, "-p", p, "--dport", "53", "-o", pub, "-j", "MASQUERADE")
                     for ns, p in dns)
@@ -254,4 +376,7 @@ def describe(plan: Plan) -> list[str]:
             lines.append(f"{tool} -t {c.table} -A {c.name} {' '.join(rule)}")
         lines.append(f"{tool} -t {c.table} -I {c.hook} 1 {' '.join(c.jump_match)}"
                      f"{' ' if c.jump_match else ''}-j {c.name}")
+    if plan.nft:
+        lines.append(f"# nftables table inet {plan.nft_table}, JSON API commands:")
+        lines.extend(json.dumps(cmd) for cmd in plan.nft)
     return lines

@@ -28,6 +28,17 @@ from loaded.core.checksum import address_delta
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+# The conntrack data path tells the kernel which backend a new connection goes to
+# by the packet mark: "LB" in the high half, the family in bit 15 (one conntrack
+# table serves both families), the backend's index below.
+CT_MARK_BASE = 0x4C420000
+CT_MARK_MASK = 0xFFFF0000
+MAX_INDEX = 0x7FFF
+
+
+def ct_mark(version: int, index: int) -> int:
+    return CT_MARK_BASE | (0x8000 if version == 6 else 0) | index
+
 MAX_WEIGHT = 65535
 
 
@@ -49,6 +60,8 @@ class Backend:
         "delta_out",
         "index",
         "ip",
+        "mark",
+        "new_clients",
         "packets",
         "serves_existing",
         "state",
@@ -68,7 +81,11 @@ class Backend:
         self.delta_in = address_delta(vip.packed, self.addr)
         self.delta_out = address_delta(self.addr, vip.packed)
         self.weight = weight
+        if not 0 <= index <= MAX_INDEX:
+            raise ValueError(f"backend index {index} out of range 0..{MAX_INDEX}")
         self.index = index  # stable position in the pool, for tables and hashing
+        self.mark = ct_mark(ip.version, index)
+        self.new_clients = 0  # clients the strategy gave to this backend
         self.clients = 0  # entries in the client table pointing here
         self.packets = 0
         self.bytes = 0
@@ -114,13 +131,20 @@ class Pool:
     def by_addr(self, addr: bytes) -> Backend | None:
         return self._by_addr.get(addr)
 
-    def add(self, ip: IPAddress, weight: int = 1, state: State = State.UP) -> Backend:
+    def add(self, ip: IPAddress, weight: int = 1, state: State = State.UP,
+            index: int | None = None) -> Backend:
+        """Add a backend; ``index`` given by whoever keeps several pools alike (the
+        supervisor, for its workers), else the next free one."""
         if ip.packed in self._by_addr:
             raise ValueError(f"backend {ip} is already in the pool of {self.vip}")
         if ip == self.vip:
             raise ValueError(f"backend {ip} is the VIP itself")
-        b = Backend(ip, self.vip, weight, state, self._next_index)
-        self._next_index += 1
+        if index is None:
+            index = self._next_index
+        elif any(b.index == index for b in self._by_addr.values()):
+            raise ValueError(f"backend index {index} is taken in the pool of {self.vip}")
+        b = Backend(ip, self.vip, weight, state, index)
+        self._next_index = max(self._next_index, index + 1)
         self._by_addr[b.addr] = b
         self.changed()
         return b

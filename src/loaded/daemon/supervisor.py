@@ -18,6 +18,7 @@ the capabilities listed in ``loaded.io.privileges.SUPERVISOR_CAPS``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from loaded.core.config import Config
 from loaded.core.engine import build_engine
 from loaded.core.health import Event, HealthMonitor, HostAdded, pool_command
 from loaded.core.plan import Neighbour, Plan
+from loaded.core.pool import ct_mark
 from loaded.daemon.worker import Worker, WorkerSpec
 from loaded.io.kernel import JOURNAL_DIR, Kernel, KernelError
 from loaded.io.nfqueue import read_proc_stats
@@ -45,6 +47,7 @@ READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 NEIGHBOUR_RETRY = 5.0
 REPLAY_ORDER = ("remove", "add", "weight", "state")
+FORGET_AGAIN = 0.5
 
 
 @dataclass
@@ -74,12 +77,24 @@ class Supervisor:
         self.stats_path = journal_dir / f"{plan.tag}.stats.json"
         self.children = [
             _Child(WorkerSpec(i, q, core, maxlen, config.fail_open, config.gso, user,
-                              drop_privileges, refuse_when_empty=config.no_backend == "refuse"))
+                              drop_privileges, refuse_when_empty=config.no_backend == "refuse",
+                              conntrack=plan.datapath == "conntrack"))
             for i, (q, core) in enumerate(zip(plan.queues, plan.cores, strict=True))]
         self.stopping = False
         # The latest pool command of each kind per (VIP, backend): what a restarted
         # worker replays to catch up with the others.
         self.desired: dict[tuple[str, str], dict[str, dict[str, object]]] = {}
+        # Every backend's index in its pool, the same in every worker: the
+        # conntrack path's mark. Config order first, as the engines build them;
+        # a backend that leaves and comes back keeps its index.
+        self.indexes: dict[tuple[str, str], int] = {}
+        for family in families:
+            vip = config.vip4 if family == 4 else config.vip6
+            specs = config.servers4 if family == 4 else config.servers6
+            for i, spec in enumerate(specs):
+                self.indexes[(str(vip), str(spec.ip))] = i
+        self.conntrack = plan.datapath == "conntrack"
+        self._forget_again: list[tuple[float, int]] = []
         self._wake_r, self._wake_w = os.pipe()
         self._started = time.monotonic()
 
@@ -124,10 +139,22 @@ class Supervisor:
         log.info("event=worker-started queue=%d core=%d pid=%d", child.spec.queue,
                  child.spec.core, pid)
 
+    def index_of(self, vip: str, backend: str) -> int:
+        key = (vip, backend)
+        if key not in self.indexes:
+            self.indexes[key] = max((i for (v, _), i in self.indexes.items() if v == vip),
+                                    default=-1) + 1
+        return self.indexes[key]
+
     def command(self, command: dict[str, object]) -> None:
         """Send a pool command to every worker (and to every future one)."""
         key = (str(command["vip"]), str(command["backend"]))
         op = str(command["op"])
+        if op == "add":
+            command = dict(command, index=self.index_of(*key))
+            if self.conntrack:
+                ip = ipaddress.ip_address(key[1])
+                self.kernel.map_backend(ip.version, int(str(command["index"])), ip)
         ops = self.desired.setdefault(key, {})
         if op == "remove":
             ops.clear()
@@ -137,6 +164,24 @@ class Supervisor:
         for child in self.children:
             if child.pid:
                 self._send(child, command)
+        if self.conntrack and (op == "remove" or (
+                op == "state" and command.get("state") == "down" and command.get("cut", True))):
+            # The workers choose elsewhere from now on; the kernel must forget the
+            # connections it still carries to this backend. Once more a moment
+            # later, for a first packet a worker answered before the command.
+            ip = ipaddress.ip_address(key[1])
+            mark = ct_mark(ip.version, self.index_of(*key))
+            self._forget(mark)
+            self._forget_again.append((time.monotonic() + FORGET_AGAIN, mark))
+
+    def _forget(self, mark: int) -> None:
+        try:
+            n = self.kernel.forget_connections(mark)
+        except Exception as e:  # netlink trouble must not take the supervisor down
+            log.warning("event=conntrack-flush-failed mark=%#x error=%r", mark, e)
+            return
+        if n:
+            log.info("event=connections-cut mark=%#x count=%d", mark, n)
 
     @staticmethod
     def _send(child: _Child, command: dict[str, object]) -> None:
@@ -271,6 +316,8 @@ class Supervisor:
             if now >= next_stats:
                 next_stats = now + 1.0
                 self.write_stats()
+            while self._forget_again and self._forget_again[0][0] <= now:
+                self._forget(self._forget_again.pop(0)[1])
             if self.kernel.unresolved and now >= next_neigh:
                 next_neigh = now + NEIGHBOUR_RETRY
                 self.kernel.unresolved = self.kernel.pin_neighbours(self.kernel.unresolved,
@@ -302,7 +349,17 @@ class Supervisor:
             "kernel_queues": {str(k): v for k, v in read_proc_stats().items()
                               if k in self.plan.queues},
             "unresolved_neighbours": [str(n.ip) for n in self.kernel.unresolved],
+            "datapath": self.plan.datapath,
         }
+        if self.conntrack:
+            try:
+                stats["conntrack"] = {
+                    "invalid": self.kernel.invalid_drops(),
+                    "backends": {f"{mark:#x}": list(v) for mark, v in
+                                 self.kernel.backend_counters().items()},
+                }
+            except Exception as e:
+                log.warning("event=counters-unreadable error=%r", e)
         tmp = self.stats_path.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps(stats))

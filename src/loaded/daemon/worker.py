@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from loaded.core.checksum import ones_sum
 from loaded.core.engine import Engine
 from loaded.core.errors import PacketError, Reason
 from loaded.io.nfqueue import ACCEPT, ACCEPT_UNCHANGED, DROP, NfQueue
@@ -36,6 +37,7 @@ class WorkerSpec:
     user: str | None
     drop_privileges: bool = True
     refuse_when_empty: bool = True  # no_backend=refuse
+    conntrack: bool = False  # datapath=conntrack: first packets only, answered with a mark
 
 
 class Worker:
@@ -53,10 +55,24 @@ class Worker:
         self.queue: NfQueue | None = None
 
     def on_packet(self, payload: memoryview, partial: bool) -> int:
+        """The per-packet data path: rewrite every packet."""
         try:
             if self.engine.handle(payload, time.monotonic(), partial) is None:
                 return ACCEPT_UNCHANGED
-        except PacketError as e:
+        except Exception as e:
+            return self._failed(e)
+        return ACCEPT
+
+    def on_first_packet(self, payload: memoryview, partial: bool) -> int:
+        """The conntrack data path: the backend's mark; kernel NAT does the rest."""
+        try:
+            b = self.engine.decide(payload, time.monotonic())
+        except Exception as e:
+            return self._failed(e)
+        return ACCEPT_UNCHANGED if b is None else b.mark
+
+    def _failed(self, e: Exception) -> int:
+        if isinstance(e, PacketError):
             if e.reason is Reason.NO_BACKEND and self.spec.refuse_when_empty:
                 # Unchanged to the balancer's own stack, which owns the VIP and
                 # refuses at once: a reset beats a client hanging on silence.
@@ -64,12 +80,12 @@ class Worker:
                 return ACCEPT_UNCHANGED
             self.drops[e.reason.value] += 1
             return DROP
-        except Exception:  # a bug must cost one packet, never the worker or a queue slot
-            self.drops[INTERNAL_ERROR] += 1
-            if self.drops[INTERNAL_ERROR] < 10:
-                log.exception("event=internal-error queue=%d", self.spec.queue)
-            return DROP
-        return ACCEPT
+        # A bug must cost one packet, never the worker or a queue slot.
+        self.drops[INTERNAL_ERROR] += 1
+        if self.drops[INTERNAL_ERROR] < 10:
+            log.error("event=internal-error queue=%d error=%r", self.spec.queue, e,
+                      exc_info=e)
+        return DROP
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -122,7 +138,9 @@ class Worker:
                 str(svc.vip): {
                     "clients": len(svc.table),
                     "backends": {str(b.ip): {"packets": b.packets, "bytes": b.bytes,
-                                             "clients": b.clients, "state": b.state.value}
+                                             "clients": b.clients, "state": b.state.value,
+                                             "new_clients": b.new_clients,
+                                             "weight": b.weight, "mark": b.mark}
                                  for b in svc.pool},
                 } for svc in self.engine.services
             },
@@ -143,10 +161,12 @@ class Worker:
                 self.engine.handle_general(probe, 0.0)
             except PacketError:
                 pass
-        try:
-            self.engine.handle(bytearray(b"\x45" + bytes(39)), 0.0)
-        except PacketError:
-            pass
+        for call in (self.engine.handle, self.engine.decide):
+            try:
+                call(bytearray(b"\x45" + bytes(39)), 0.0)
+            except PacketError:
+                pass
+        ones_sum(bytes(1500))  # the numpy branch, for GSO packets
         json.dumps({"warm": 1})
         time.process_time()
 
@@ -171,7 +191,8 @@ class Worker:
         self.report()
         try:
             watch = {self.control_fd: self.on_control} if self.control_fd >= 0 else {}
-            self.queue.run(self.on_packet, lambda: self.stopping, self.tick, watch=watch)
+            handler = self.on_first_packet if spec.conntrack else self.on_packet
+            self.queue.run(handler, lambda: self.stopping, self.tick, watch=watch)
         finally:
             self.report()
             self.queue.close()

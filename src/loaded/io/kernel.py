@@ -9,7 +9,9 @@ start of the same instance undoes it first.
 
 Addresses, routes and neighbours go through netlink (pyroute2); sysctls through
 /proc/sys; firewall rules through iptables/ip6tables, the only interface to the
-NFQUEUE and HMARK targets (argument vectors, never shell strings).
+NFQUEUE and HMARK targets (argument vectors, never shell strings); the conntrack
+data path's table through the nftables JSON API (libnftables); conntrack entries
+through ctnetlink (pyroute2).
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute
+import nftables
+from pyroute2 import Conntrack, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from loaded.core.plan import Address, Chain, IPAddress, Neighbour, Plan, Route, Sysctl
+from loaded.core.plan import (
+    Address,
+    Chain,
+    IPAddress,
+    Neighbour,
+    Plan,
+    Route,
+    Sysctl,
+    nft_backend,
+)
 
 log = logging.getLogger("loaded.kernel")
 
@@ -51,6 +63,37 @@ def _iptables(family: int, *args: str, check: bool = True) -> subprocess.Complet
     return proc
 
 
+class Nft:
+    """The nftables JSON API; errors become KernelError with nft's own message."""
+
+    def __init__(self) -> None:
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+
+    def run(self, commands: Iterable[dict[str, Any]]) -> Any:
+        cmds = list(commands)
+        rc, out, err = self._nft.json_cmd({"nftables": cmds})
+        if rc != 0:
+            raise KernelError(f"nftables: {str(err).strip()} (in {json.dumps(cmds)[:300]})")
+        return out
+
+    def table_exists(self, family: str, name: str) -> bool:
+        rc, _, _ = self._nft.json_cmd({"nftables": [
+            {"list": {"table": {"family": family, "name": name}}}]})
+        return bool(rc == 0)
+
+    def counters(self, table: str) -> dict[str, tuple[int, int]]:
+        """Named counters of an inet table: name -> (packets, bytes)."""
+        out = self.run([{"list": {"counters": {"family": "inet", "table": table}}}])
+        found: dict[str, tuple[int, int]] = {}
+        for item in out.get("nftables", []) if isinstance(out, dict) else []:
+            c = item.get("counter")
+            if c and c.get("table") == table:
+                found[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+        return found
+
+
 class Kernel:
     """Applies one plan; keeps its journal."""
 
@@ -60,6 +103,14 @@ class Kernel:
         self.steps: list[dict[str, Any]] = []
         self.unresolved: list[Neighbour] = []
         self._ipr = IPRoute()
+        self._nft: Nft | None = None
+        self._ct: Conntrack | None = None
+
+    @property
+    def nft(self) -> Nft:
+        if self._nft is None:
+            self._nft = Nft()
+        return self._nft
 
     # --- journal -------------------------------------------------------------
 
@@ -90,6 +141,8 @@ class Kernel:
         for chain in self.plan.chains:
             self._remove_chain(chain.family, chain.table, chain.hook, chain.name,
                                list(chain.jump_match))
+        if self.plan.nft and self.nft.table_exists("inet", self.plan.nft_table):
+            self._undo({"kind": "nft-table", "name": self.plan.nft_table})
         return len(steps)
 
     # --- apply ---------------------------------------------------------------
@@ -105,9 +158,46 @@ class Kernel:
 
     def apply_rules(self) -> None:
         """The rules that send packets to the queues, then the neighbour entries."""
+        if self.plan.nft:
+            # The NAT table before the queue rules: no first packet is marked
+            # before its mark means something.
+            self._record({"kind": "nft-table", "name": self.plan.nft_table})
+            self.nft.run(self.plan.nft)
         for c in self.plan.chains:
             self._chain(c)
         self.unresolved = self.pin_neighbours(self.plan.neighbours)
+
+    # --- the conntrack data path at run time -------------------------------------
+
+    def map_backend(self, version: int, index: int, ip: IPAddress) -> None:
+        """Make a backend added at run time a NAT target (the same mark again: no-op)."""
+        if self.plan.nft:
+            self.nft.run(nft_backend(self.plan.tag, version, index, ip))
+
+    def backend_counters(self) -> dict[int, tuple[int, int]]:
+        """Packets and bytes through each backend (by mark), both directions."""
+        if not self.plan.nft:
+            return {}
+        out: dict[int, tuple[int, int]] = {}
+        for name, value in self.nft.counters(self.plan.nft_table).items():
+            if name.startswith("backend_"):
+                out[int(name[8:], 16)] = value
+        return out
+
+    def invalid_drops(self) -> int:
+        if not self.plan.nft:
+            return 0
+        return self.nft.counters(self.plan.nft_table).get("invalid", (0, 0))[0]
+
+    def forget_connections(self, mark: int) -> int:
+        """Delete the conntrack entries of one backend (by connection mark): their
+        next packet is NEW again and goes to the worker. Returns how many there were."""
+        if self._ct is None:
+            self._ct = Conntrack()
+        count = sum(1 for _ in self._ct.dump(mark=mark, mark_mask=0xFFFFFFFF))
+        if count:
+            self._ct.flush(mark=mark, mark_mask=0xFFFFFFFF)
+        return count
 
     def _sysctl(self, s: Sysctl) -> None:
         path = Path("/proc/sys") / s.key
@@ -244,6 +334,9 @@ class Kernel:
                 family = socket.AF_INET6 if ":" in step["ip"] else socket.AF_INET
                 self._ignore_missing(lambda: self._ipr.neigh(
                     "del", dst=step["ip"], ifindex=idx[0], family=family))
+        elif kind == "nft-table":
+            if self.nft.table_exists("inet", step["name"]):
+                self.nft.run([{"delete": {"table": {"family": "inet", "name": step["name"]}}}])
         elif kind == "chain":
             self._remove_chain(step["family"], step["table"], step["hook"], step["name"],
                                step["jump"])
@@ -268,6 +361,8 @@ class Kernel:
 
     def close(self) -> None:
         self._ipr.close()
+        if self._ct is not None:
+            self._ct.close()
 
 
 def _nft_family(family: int) -> str:

@@ -49,6 +49,7 @@ NFQA_CFG_F_GSO = 4
 
 NFQA_PACKET_HDR = 1
 NFQA_VERDICT_HDR = 2
+NFQA_MARK = 3
 NFQA_PAYLOAD = 10
 NFQA_CAP_LEN = 13
 NFQA_SKB_INFO = 14
@@ -73,14 +74,18 @@ _U32 = struct.Struct("!I")
 _ID = struct.Struct("!I")
 # nlmsghdr, nfgenmsg, NFQA_VERDICT_HDR attribute, NFQA_PAYLOAD attribute header
 _VERDICT = struct.Struct("=IHHII" + "BBH" + "HH" + "II" + "HH")
+# nlmsghdr, nfgenmsg, NFQA_VERDICT_HDR attribute, NFQA_MARK attribute
+_VERDICT_MARK = struct.Struct("=IHHII" + "BBH" + "HH" + "II" + "HHI")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 DROP = 0
 ACCEPT = 1  # with the (rewritten) payload
 ACCEPT_UNCHANGED = 2  # without it: the kernel keeps the packet as it was, checksum state too
+MARK_MIN = 0x100  # a verdict >= this is a packet mark: accepted unchanged, with that mark
 
-# handler(payload, checksum_unfinished) -> DROP, ACCEPT (payload rewritten in place) or
-# ACCEPT_UNCHANGED.
+# handler(payload, checksum_unfinished) -> DROP, ACCEPT (payload rewritten in place),
+# ACCEPT_UNCHANGED, or a mark >= MARK_MIN (ACCEPT_UNCHANGED and the packet's mark set:
+# the conntrack data path's "this connection goes to that backend").
 Handler = Callable[[memoryview, bool], int]
 
 
@@ -134,7 +139,8 @@ class NfQueue:
             raise QueueError(e.errno, f"cannot bind queue {num}: {e.strerror}") from None
         self._bufs = [bytearray(_RECV_SIZE) for _ in range(batch)]
         self._views = [memoryview(b) for b in self._bufs]
-        self._headers = [bytearray(_VERDICT.size) for _ in range(batch)]
+        self._headers = [bytearray(max(_VERDICT.size, _VERDICT_MARK.size))
+                         for _ in range(batch)]
         self._hviews = [memoryview(h) for h in self._headers]
 
     def fileno(self) -> int:
@@ -187,6 +193,8 @@ class NfQueue:
         batch = self.batch
         dontwait = socket.MSG_DONTWAIT
         pack_into = _VERDICT.pack_into
+        pack_mark_into = _VERDICT_MARK.pack_into
+        mark_size = _VERDICT_MARK.size
         msg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
         # Network byte order once, not per packet (the struct is native order).
         num_be = socket.htons(self.num)
@@ -252,6 +260,13 @@ class NfQueue:
                     out.append(payload)
                     if pad:
                         out.append(_PAD[4 - pad])
+                elif verdict >= MARK_MIN:
+                    stats.accepted += 1
+                    pack_mark_into(h, 0, mark_size, msg_type, NLM_F_REQUEST, 0, 0,
+                                   socket.AF_UNSPEC, 0, num_be,
+                                   12, NFQA_VERDICT_HDR, accept_be, htonl(pid),
+                                   8, NFQA_MARK, htonl(verdict))
+                    out.append(hviews[i][:mark_size])
                 else:
                     if verdict == DROP:
                         stats.dropped += 1
