@@ -1,4 +1,4 @@
-"""Throughput and latency through the namespace lab, one data path against another.
+"""Throughput, latency and cost through the namespace lab, one data path against another.
 
 For every mode in every run a fresh lab is built (``loaded.lab.topology.Lab``:
 clients, router, balancer host ``lb``, two backends running nginx and iperf3),
@@ -8,25 +8,38 @@ and from the client namespace the script measures, IPv4 and IPv6:
 - new connections/s        the same with ``Connection: close``
 - bulk throughput          ``iperf3``, one TCP stream
 - ping RTT p50/p99         ``ping -i 0.01`` on an otherwise idle lab
+- TCP RTT p50/p99          one kept-alive TCP connection, one short HTTP request
+                           and its answer every 10 ms, timed by the client
+- balancer CPU per packet  CPU seconds per million packets that lb received;
+                           for a mode with a process (loaded, haproxy) that
+                           process's CPU, for the kernel modes the whole machine's
+- balancer memory          RSS of the balancer's processes after the run
 
 The modes (each a small class with ``start``/``stop``; add one to ``MODES``):
 
-- ``direct``    clients talk to backend b1's own address; lb only routes (the limit)
-- ``nft-dnat``  lb routes and DNATs the VIP with an nftables ``numgen`` map,
-                conntrack un-NATs the replies (the baseline)
-- ``loaded``    the daemon: per-packet NFQUEUE data path, default config, 2 workers
+- ``direct``            clients talk to backend b1's own address; lb only routes (the limit)
+- ``nft-dnat``          lb routes and DNATs the VIP with an nftables ``numgen`` map,
+                        conntrack un-NATs the replies (the baseline)
+- ``haproxy``           HAProxy in TCP mode on lb, listening on the VIPs, round-robin
+                        (a proxy: the backends see lb's address, not the client's)
+- ``loaded``            the daemon, ``datapath=perpacket``: every packet through NFQUEUE
+- ``loaded-conntrack``  the daemon, ``datapath=conntrack``; while the daemon refuses
+                        that setting its cells are reported missing, with its error
 
 Modes run interleaved inside each run (their order rotates from run to run), so
 the ratio to ``nft-dnat`` *of the same run* cancels most of the drift of a shared
-machine. The table is printed and written to the section "Through the lab" of
-``docs/benchmarks.md``.
+machine. The tables are printed and written to the section "Through the lab" of
+``docs/benchmarks.md``, the ratios also drawn in ``docs/img/bench_lab.png``
+(needs matplotlib: ``.venv/bin/pip install -e '.[bench]'``; without it the
+chart is skipped).
 
-    .venv/bin/python bench/bench_lab.py            # 3 runs of 5 s, ~6 min
-    .venv/bin/python bench/bench_lab.py --quick    # 2 runs of 3 s, ~2 min
+    .venv/bin/python bench/bench_lab.py            # all 5 modes, 3 runs of 5 s, ~11 min
+    .venv/bin/python bench/bench_lab.py --quick    # all 5 modes, 2 runs of 3 s, ~4.5 min
+    .venv/bin/python bench/bench_lab.py --quick --modes nft-dnat,loaded
 
-Needs root. Installs nginx, wrk, iperf3, nftables and iputils-ping with apt when
-missing. Every process it starts is bounded in time and killed at the end; all
-traffic and every rule stay inside the lab's namespaces.
+Needs root. Installs nginx, wrk, iperf3, haproxy, nftables and iputils-ping with
+apt when missing. Every process it starts is bounded in time and killed at the
+end; all traffic and every rule stay inside the lab's namespaces.
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ from loaded.lab.topology import Lab, LabError
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
+CHART = REPO / "docs" / "img" / "bench_lab.png"
 SECTION = "## Through the lab"
 
 HTTP_PORT = 80
@@ -69,11 +83,19 @@ FAMILIES = (4, 6)
 
 # Tool on PATH -> the Debian package that provides it.
 TOOLS = {"nginx": "nginx", "wrk": "wrk", "iperf3": "iperf3", "nft": "nftables",
-         "ping": "iputils-ping", "timeout": "coreutils"}
+         "ping": "iputils-ping", "timeout": "coreutils", "haproxy": "haproxy"}
 
-# The issue's reference (a C++ per-packet NFQUEUE balancer on this machine, as
-# a fraction of nft-dnat) and the target for loaded's per-packet path.
-REFERENCE = {"keepalive_rps": (0.50, 0.45), "close_cps": (0.50, 0.40), "bulk_gbps": (0.06, 0.10)}
+# Ratios to nft-dnat (same run) that each of loaded's data paths must reach.
+TARGETS: dict[str, dict[str, float]] = {
+    "loaded-conntrack": {"keepalive_rps": 0.95, "close_cps": 0.90, "bulk_gbps": 0.95},
+    "loaded": {"keepalive_rps": 0.55, "close_cps": 0.55, "bulk_gbps": 0.25},
+}
+# Ratios to nft-dnat measured by others on this kind of machine, for comparison.
+REFERENCES: dict[str, dict[str, float]] = {
+    "HAProxy": {"keepalive_rps": 0.65, "close_cps": 0.68, "bulk_gbps": 0.52},
+    "C++ original (per-packet)": {"keepalive_rps": 0.50, "close_cps": 0.50, "bulk_gbps": 0.06},
+    "first-packet prototype": {"keepalive_rps": 0.99, "close_cps": 0.86, "bulk_gbps": 0.97},
+}
 
 
 T = TypeVar("T")
@@ -98,7 +120,8 @@ class Settings:
     def estimate(self) -> float:
         """Seconds the whole run should take, for the progress line and the watchdog."""
         # Fitted on this machine: tools start fast, a lab costs about 3 s.
-        per_family = 3 * (self.seconds + 0.2) + self.ping_count * 0.012 + 0.5
+        # Pings and TCP exchanges are paced 10 ms apart.
+        per_family = 3 * (self.seconds + 0.2) + 2 * self.ping_count * 0.012 + 0.5
         per_mode = 3 + len(FAMILIES) * per_family
         return self.runs * len(self.modes) * per_mode
 
@@ -207,6 +230,29 @@ def proc_rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of a process (e.g. what `timeout` started)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+LB_LINKS = (Lab.pub_nic, Lab.priv_nic)  # lb's links: to the router (clients), to the backends
+
+
+def lb_packets(lab: Lab) -> int:
+    """Packets lb has received on both its links (a GSO/GRO super-packet counts once):
+    the same count for every mode, whatever does the balancing."""
+    total = 0
+    for line in read_proc_net(lab.ns("lb"), "dev").splitlines()[2:]:
+        name, _, counters = line.partition(":")
+        if name.strip() in LB_LINKS:
+            total += int(counters.split()[1])
+    return total
 
 
 # ------------------------------------------------------------ backend servers
@@ -358,8 +404,64 @@ def run_ping(lab: Lab, host: str, count: int) -> PingResult:
     times = sorted(float(t) for t in re.findall(r"time=([\d.]+) ms", r.stdout))
     if not times:
         raise BenchError(f"ping got no answer: {(r.stdout + r.stderr)[-300:]}")
-    p99 = times[min(len(times) - 1, int(0.99 * len(times)))]  # nearest rank
-    return PingResult(statistics.median(times), p99, count - len(times))
+    return PingResult(statistics.median(times), percentile(times, 0.99), count - len(times))
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest rank, as for ping."""
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+def read_http_response(s: socket.socket, buf: bytearray) -> None:
+    """Read one HTTP/1.1 response with a Content-Length from `s`; `buf` keeps
+    whatever arrived beyond it."""
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            m = re.search(rb"(?im)^content-length:\s*(\d+)", bytes(buf[:end]))
+            if m is None:
+                raise BenchError(f"HTTP answer without Content-Length: {bytes(buf[:80])!r}")
+            if not buf.startswith(b"HTTP/1.1 200"):
+                raise BenchError(f"bad HTTP answer: {bytes(buf[:80])!r}")
+            need = end + 4 + int(m.group(1))
+            if len(buf) >= need:
+                del buf[:need]
+                return
+        chunk = s.recv(65536)
+        if not chunk:
+            raise BenchError("the server closed the kept-alive connection")
+        buf += chunk
+
+
+def run_tcp_rtt(lab: Lab, host: str, count: int) -> PingResult:
+    """`count` short HTTP exchanges 10 ms apart on one kept-alive TCP connection
+    (TCP_NODELAY), each timed from the request's send to the answer's last byte:
+    the round trip through the balancer plus nginx's and this client's (Python)
+    handling, which are the same in every mode. The first exchange (connection
+    set-up, the balancer's first-packet work) is not counted."""
+    interval = 0.01
+    deadline = time.monotonic() + count * (interval + 0.002) + 10
+    times: list[float] = []
+    buf = bytearray()
+    with netns_socket(lab.ns("cl"), family_of(host)) as s:
+        s.settimeout(2.0)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.connect((host, HTTP_PORT))
+        for i in range(count + 1):
+            if time.monotonic() > deadline:
+                raise BenchError(f"TCP RTT: only {len(times)} of {count} exchanges in time")
+            t0 = time.perf_counter()
+            s.sendall(HTTP_REQUEST)
+            read_http_response(s, buf)
+            took = time.perf_counter() - t0
+            if i:
+                times.append(took * 1000)
+            time.sleep(max(0.0, interval - took))
+    times.sort()
+    return PingResult(statistics.median(times), percentile(times, 0.99), 0)
 
 
 # ----------------------------------------------------------------------- modes
@@ -404,7 +506,13 @@ class Mode:
     def usage_end(self, begin: object) -> Usage | None:
         return None
 
+    def balancer_pids(self) -> list[int] | None:
+        """The processes that do the balancing, whose CPU is the balancer's;
+        None when the kernel does it (not separable from the rest of the machine)."""
+        return None
+
     def memory(self) -> dict[str, float]:
+        """VmRSS (MiB) of each balancer process."""
         return {}
 
 
@@ -457,9 +565,119 @@ class NftDnat(Mode):
         return []
 
 
+HAPROXY_CONF = """\
+# HAProxy for bench_lab.py, lab {prefix}: TCP mode on the VIPs, round-robin.
+global
+    nbthread {threads}
+    cpu-map auto:1/1-{threads} 0-{last_cpu}
+    # Two descriptors per connection; wrk keeps 20 open. Well under the usual
+    # hard limit on open files, which HAProxy must not need to exceed.
+    maxconn 4000
+    # No log target: nothing is logged per connection.
+
+defaults
+    mode tcp
+    timeout connect 3s
+    timeout client 60s
+    timeout server 60s
+{sections}"""
+
+
+class HAProxy(Mode):
+    name = "haproxy"
+    description = ("HAProxy (Debian's package) on lb in TCP mode, listening on the VIPs, "
+                   "round-robin to the backends' real addresses (port 5201: by client "
+                   "address, for iperf3); a proxy, so the backends see lb's address, not the "
+                   "client's; `nbthread 2` pinned to cores 0-1 by `cpu-map`, no health checks, "
+                   "no splicing, `-db` (foreground)")
+
+    def __init__(self, lifetime: int) -> None:
+        self.lifetime = lifetime
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None  # haproxy's own (the Popen's is `timeout`'s)
+        self.log_path: Path | None = None
+
+    @staticmethod
+    def threads() -> int:
+        return min(2, os.cpu_count() or 1)
+
+    def config(self, lab: Lab) -> str:
+        sections = []
+        for fam, vip, addrs in ((4, lab.vip4, [b.addr4 for b in lab.backends]),
+                                (6, lab.vip6, [b.addr6 for b in lab.backends])):
+            # iperf3's control and data connections must meet the same server:
+            # by client address for its port, as nft-dnat does.
+            for port, name, balance in ((HTTP_PORT, "http", "roundrobin"),
+                                        (IPERF_PORT, "iperf", "source")):
+                lines = ["", f"listen {name}{fam}", f"    bind {url_host(vip)}:{port}",
+                         f"    balance {balance}"]
+                lines += [f"    server {b.name} {url_host(a)}:{port}"
+                          for b, a in zip(lab.backends, addrs, strict=True)]
+                sections.append("\n".join(lines))
+        threads = self.threads()
+        return HAPROXY_CONF.format(prefix=lab.prefix, threads=threads, last_cpu=threads - 1,
+                                   sections="\n".join(sections) + "\n")
+
+    def start(self, lab: Lab) -> None:
+        super().start(lab)
+        # The VIPs on pub0 (HAProxy binds them), forwarding, the private gateway
+        # (the backends' route back), as for the other modes.
+        lab.setup_router_mode(vip=True)
+        # HAProxy opens a connection of its own to a backend per client connection.
+        lab.sysctl("lb", "net.ipv4.ip_local_port_range", "1024 65535")
+        lab.sysctl("lb", "net.ipv4.tcp_tw_reuse", 1)
+        cfg = lab_dir(lab) / "haproxy.cfg"
+        cfg.write_text(self.config(lab))
+        check = lab.run("lb", ["haproxy", "-c", "-q", "-f", str(cfg)], timeout=10)
+        if check.returncode != 0:
+            out = (check.stdout + check.stderr).strip()
+            raise BenchError(f"haproxy -c rejected the config: {out[-500:]}")
+        self.log_path = lab_dir(lab) / "haproxy.log"
+        # -db: foreground, no daemon, no master process; `timeout` bounds its life
+        # and passes our SIGTERM on.
+        argv = ["timeout", "-s", "KILL", str(self.lifetime), "haproxy", "-db", "-f", str(cfg)]
+        with open(self.log_path, "wb") as log:
+            self.proc = lab.exec("lb", argv, stdout=log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise BenchError(f"haproxy exited ({self.proc.returncode}): {self.log()[-500:]}")
+            return all(listening(lab, "lb", p) for p in (HTTP_PORT, IPERF_PORT))
+
+        wait_for("haproxy to listen", up)
+        wait_for("haproxy's pid", lambda: bool(child_pids(self.proc.pid)) if self.proc else False)
+        self.pid = child_pids(self.proc.pid)[0]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def balancer_pids(self) -> list[int] | None:
+        return [self.pid] if self.pid is not None else []
+
+    def memory(self) -> dict[str, float]:
+        return {"haproxy": proc_rss_mib(self.pid)} if self.pid is not None else {}
+
+    def stop(self) -> list[str]:
+        if self.proc is None:
+            return []
+        if self.proc.poll() is None:
+            self.proc.terminate()  # `timeout` forwards SIGTERM: haproxy stops at once
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        problems = [line for line in self.log().splitlines()
+                    if re.match(r"\[(ALERT|WARNING)\]", line)]
+        return [f"haproxy: `{line.strip()}`" for line in problems[:5]]
+
+
 class Loaded(Mode):
     name = "loaded"
-    description = "the daemon, per-packet NFQUEUE path, default config (rr), 2 workers"
+    description = ("the daemon, `datapath=perpacket`: every packet through NFQUEUE, "
+                   "rr, FIRST_CORE=0 LAST_CORE=1 (2 workers)")
+    DATAPATH = "perpacket"
 
     READY_TIMEOUT = 20.0
 
@@ -468,22 +686,41 @@ class Loaded(Mode):
         self.proc: subprocess.Popen[bytes] | None = None
         self.stats_path: Path | None = None
         self.log_path: Path | None = None
+        self.started = False
 
     def start(self, lab: Lab) -> None:
         super().start(lab)
-        conf = lab.write_config(lab_dir(lab) / "loaded.conf", FIRST_CORE=0, LAST_CORE=1)
-        self.log_path = lab_dir(lab) / "loaded.log"
+        conf = lab.write_config(lab_dir(lab) / f"{self.name}.conf", FIRST_CORE=0, LAST_CORE=1,
+                                datapath=self.DATAPATH)
+        self.log_path = lab_dir(lab) / f"{self.name}.log"
         # `timeout` sends SIGTERM, so even an orphaned daemon undoes its set-up.
         argv = ["timeout", "-s", "TERM", str(self.lifetime), *self.daemon_argv(conf)]
         with open(self.log_path, "wb") as log:
             self.proc = lab.exec("lb", argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.READY_TIMEOUT
         while (m := re.search(r"event=started tag=(\w+)", self.log())) is None:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError("loaded did not start; log:\n" + self.log()[-2000:])
+            if self.proc.poll() is not None:
+                # E.g. a setting this version of the daemon refuses: its own words.
+                raise BenchError(f"the daemon refused to start (exit code "
+                                 f"{self.proc.returncode}): {self.last_words()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"the daemon did not report event=started within "
+                                 f"{self.READY_TIMEOUT:.0f} s: {self.last_words()}")
             time.sleep(0.05)
+        self.started = True
         self.stats_path = Path("/run/loaded") / f"{m.group(1)}.stats.json"
-        wait_for("loaded's stats file", lambda: len(self.worker_pids()) == 2)
+        # Every worker the stats file lists is alive (however many the data path runs).
+        wait_for("loaded's stats file", self.workers_ready)
+
+    def workers_ready(self) -> bool:
+        workers = self.stats().get("workers", [])
+        return (isinstance(workers, list) and bool(workers)
+                and all(w.get("alive") and w.get("pid") for w in workers))
+
+    def last_words(self, lines: int = 3) -> str:
+        """The last lines of the daemon's output, on one line."""
+        tail = [x.strip() for x in self.log().splitlines() if x.strip()][-lines:]
+        return " / ".join(f"`{x}`" for x in tail) or "(no output)"
 
     def daemon_argv(self, conf: Path) -> list[str]:
         return [sys.executable, "-m", "loaded", "-D", "-c", str(conf)]
@@ -540,6 +777,9 @@ class Loaded(Mode):
         system = sum(b[1] - a[1] for a, b in zip(w0, w1, strict=True))
         return Usage(p1 - p0, sum(split), split, system, s1 - s0, d1 - d0)
 
+    def balancer_pids(self) -> list[int] | None:
+        return [*self.worker_pids(), self.supervisor_pid()]
+
     def memory(self) -> dict[str, float]:
         mem = {f"worker{i}": proc_rss_mib(p) for i, p in enumerate(self.worker_pids())}
         mem["supervisor"] = proc_rss_mib(self.supervisor_pid())
@@ -582,19 +822,33 @@ class Loaded(Mode):
                 key = f"{m.group(1)} {m.group(2)} {detail}"
                 problems[key] = problems.get(key, 0) + 1
         out = [f"daemon log: `{k}` x{n}" for k, n in problems.items()]
-        if "event=stopped" not in log:
+        if self.started and "event=stopped" not in log:
             out.append("daemon log has no event=stopped; last lines: " + " / ".join(lines[-3:]))
         return out
+
+
+class LoadedConntrack(Loaded):
+    """The same daemon on its conntrack data path. Until the daemon accepts
+    `datapath=conntrack` it exits at start with an error, which `start` raises:
+    the cells are reported missing with the daemon's own words."""
+
+    name = "loaded-conntrack"
+    description = "the same daemon and config with `datapath=conntrack`"
+    DATAPATH = "conntrack"
 
 
 # name -> a new instance, given the lifetime (s) of the processes it may start
 MODES: dict[str, Callable[[int], Mode]] = {
     "direct": lambda lifetime: Direct(),
     "nft-dnat": lambda lifetime: NftDnat(),
+    "haproxy": HAProxy,
     "loaded": Loaded,
+    "loaded-conntrack": LoadedConntrack,
 }
-MODE_DESCRIPTIONS = {"direct": Direct.description, "nft-dnat": NftDnat.description,
-                     "loaded": Loaded.description}
+MODE_CLASSES: dict[str, type[Mode]] = {
+    c.name: c for c in (Direct, NftDnat, HAProxy, Loaded, LoadedConntrack)}
+MODE_DESCRIPTIONS = {name: c.description for name, c in MODE_CLASSES.items()}
+KERNEL_MODES = ("direct", "nft-dnat")  # no balancer process: CPU is the machine's
 
 # ---------------------------------------------------------------------- runner
 
@@ -604,7 +858,19 @@ METRICS = {  # key: (label, unit)
     "bulk_gbps": ("bulk throughput", "Gbit/s"),
     "ping_p50_ms": ("ping RTT p50", "ms"),
     "ping_p99_ms": ("ping RTT p99", "ms"),
+    "tcp_p50_ms": ("TCP request RTT p50", "ms"),
+    "tcp_p99_ms": ("TCP request RTT p99", "ms"),
 }
+
+
+@dataclass
+class Cost:
+    """What one throughput measurement cost the balancer, any mode."""
+
+    seconds: float
+    packets: int  # received by lb on both links (a GSO/GRO super-packet counts once)
+    machine_cpu: float  # CPU seconds of the whole machine, every process and the kernel
+    balancer_cpu: float | None  # CPU seconds of the balancer's processes; None: kernel mode
 
 
 @dataclass
@@ -613,15 +879,19 @@ class Results:
     values: dict[tuple[str, int, str], list[float | None]] = field(default_factory=dict)
     usage: dict[tuple[str, int, str], list[Usage]] = field(default_factory=dict)
     busy: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)
+    cost: dict[tuple[str, int, str], list[Cost]] = field(default_factory=dict)
     memory: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-    batch: list[float] = field(default_factory=list)  # loaded: packets per verdict send
+    # loaded's modes: packets per verdict send, per run
+    batch: dict[str, list[float]] = field(default_factory=dict)
     seen: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # mode -> why it could not be measured at all (distinct reasons, in order)
+    missing: dict[str, list[str]] = field(default_factory=dict)
 
     def put(self, mode: str, family: int, metric: str, run: int, value: float) -> None:
         self.values.setdefault((mode, family, metric), [None] * self.runs)[run] = value
         unit = METRICS[metric][1]
-        print(f"  {mode:9} IPv{family} {METRICS[metric][0]:22} {fmt(value, unit):>10} {unit}",
+        print(f"  {mode:16} IPv{family} {METRICS[metric][0]:22} {fmt(value, unit):>10} {unit}",
               file=sys.stderr)
 
     def note(self, run: int, mode: str, family: int | None, text: str) -> None:
@@ -677,15 +947,26 @@ def fresh_lab(settings: Settings, lifetime: int) -> Iterator[Lab]:
             lab.teardown()
 
 
+def cpu_of(pids: list[int] | None) -> dict[int, float] | None:
+    return None if pids is None else {p: sum(proc_cpu_seconds(p)) for p in pids}
+
+
 def measure(results: Results, mode: Mode, family: int, run: int, key: str,
             fn: Callable[[], T]) -> T | None:
-    """Run one tool; on failure note it and return None. For a mode with a process
-    of its own (loaded), also record what that process spent meanwhile."""
+    """Run one tool; on failure note it and return None. Also record what the
+    balancer spent meanwhile: its processes' CPU (machine CPU for a kernel mode)
+    against the packets lb received, and for loaded its queues' own counters."""
     try:
         begin = mode.usage_begin()
+        cpu0 = cpu_of(mode.balancer_pids())
+        packets0 = lb_packets(mode.lab)
+        t0 = time.monotonic()
         busy0, total0 = machine_cpu()
         value = fn()
         busy1, total1 = machine_cpu()
+        t1 = time.monotonic()
+        packets1 = lb_packets(mode.lab)
+        cpu1 = cpu_of(mode.balancer_pids())
     except (BenchError, subprocess.TimeoutExpired, OSError) as e:
         results.note(run, mode.name, family, f"{key}: {e}")
         return None
@@ -694,6 +975,16 @@ def measure(results: Results, mode: Mode, family: int, run: int, key: str,
     ncpu = os.cpu_count() or 1
     results.busy.setdefault((mode.name, family, key), []).append(
         (busy1 - busy0) / max(1e-9, total1 - total0) * ncpu)
+    balancer: float | None = None
+    if cpu0 is not None and cpu1 is not None:
+        if cpu0.keys() != cpu1.keys():
+            results.note(run, mode.name, family, f"{key}: the balancer's processes changed "
+                         f"({sorted(cpu0)} -> {sorted(cpu1)}): no CPU figure")
+        else:
+            balancer = sum(cpu1[p] - cpu0[p] for p in cpu0)
+    if cpu0 is None or balancer is not None:
+        results.cost.setdefault((mode.name, family, key), []).append(
+            Cost(t1 - t0, packets1 - packets0, busy1 - busy0, balancer))
     try:
         usage = mode.usage_end(begin)
     except (BenchError, OSError) as e:
@@ -732,20 +1023,31 @@ def run_family(results: Results, mode: Mode, lab: Lab, family: int, run: int,
         results.put(mode.name, family, "ping_p99_ms", run, p.p99_ms)
         if p.lost:
             results.note(run, mode.name, family, f"{p.lost} of {settings.ping_count} pings lost")
+    t = measure(results, mode, family, run, "tcp_rtt",
+                partial(run_tcp_rtt, lab, host, settings.ping_count))
+    if t is not None:
+        results.put(mode.name, family, "tcp_p50_ms", run, t.p50_ms)
+        results.put(mode.name, family, "tcp_p99_ms", run, t.p99_ms)
 
 
 def run_mode(results: Results, mode: Mode, run: int, settings: Settings, lifetime: int) -> None:
     with fresh_lab(settings, lifetime) as lab:
+        started = False
         try:
             mode.start(lab)
+            started = True
             for family in FAMILIES:
                 run_family(results, mode, lab, family, run, settings)
             if mem := mode.memory():
                 results.memory.setdefault(mode.name, []).append(mem)
             if isinstance(mode, Loaded) and (ppb := mode.packets_per_batch()) is not None:
-                results.batch.append(ppb)
-        except BenchError as e:
+                results.batch.setdefault(mode.name, []).append(ppb)
+        except (BenchError, LabError, OSError, subprocess.TimeoutExpired) as e:
             results.note(run, mode.name, None, str(e))
+            if not started:
+                reasons = results.missing.setdefault(mode.name, [])
+                if str(e) not in reasons:
+                    reasons.append(str(e))
         finally:
             for problem in mode.stop():
                 results.note(run, mode.name, None, problem)
@@ -769,6 +1071,12 @@ def machine() -> dict[str, str]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    mem = "?"
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
 
     def version(argv: list[str]) -> str:
         try:
@@ -777,14 +1085,19 @@ def machine() -> dict[str, str]:
             return "?"
         return (r.stdout + r.stderr).strip().splitlines()[0] if (r.stdout + r.stderr) else "?"
 
+    haproxy = version(["haproxy", "-v"]).split()
     return {
         "nproc": str(os.cpu_count()),
         "cpu": model,
+        "mem": mem,
         "kernel": platform.release(),
+        "os": platform.freedesktop_os_release().get("PRETTY_NAME", "?")
+        if hasattr(platform, "freedesktop_os_release") else "?",
         "python": platform.python_version(),
         "tools": ", ".join([version(["nginx", "-v"]).replace("nginx version: ", ""),
                             version(["wrk", "-v"]).split(" [")[0],
-                            version(["iperf3", "--version"]).split(" (")[0]]),
+                            version(["iperf3", "--version"]).split(" (")[0],
+                            " ".join(haproxy[:3]) if len(haproxy) >= 3 else "haproxy ?"]),
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
@@ -818,82 +1131,249 @@ def ratio_cell(values: list[float]) -> str:
 LOADS = ("keepalive_rps", "close_cps", "bulk_gbps")
 
 
+def measured(results: Results, mode: str) -> bool:
+    return any(results.get(mode, f, k) for f in FAMILIES for k in METRICS)
+
+
+def table(head: list[str], rows: list[list[str]], left: int = 2) -> list[str]:
+    return ["| " + " | ".join(head) + " |",
+            "|" + "---|" * left + "---:|" * (len(head) - left),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def results_table(results: Results, modes: tuple[str, ...]) -> list[str]:
-    others = [m for m in modes if m != "nft-dnat"] if "nft-dnat" in modes else []
-    head = ["metric", "IP", *modes, *(f"{m} ÷ nft" for m in others)]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    for key, (label, unit) in METRICS.items():
+    rows = [[f"{label} ({unit})", f"v{fam}",
+             *(cell(results.get(m, fam, key), unit) if measured(results, m) else "missing"
+               for m in modes)]
+            for key, (label, unit) in METRICS.items() for fam in FAMILIES]
+    return table(["metric", "IP", *(f"`{m}`" for m in modes)], rows)
+
+
+def ratios_table(results: Results, modes: tuple[str, ...]) -> list[str]:
+    others = [m for m in modes if m != "nft-dnat"]
+    rows = [[label, f"v{fam}",
+             *(ratio_cell(results.ratios(m, fam, key)) if measured(results, m) else "missing"
+               for m in others)]
+            for key, (label, _) in METRICS.items() for fam in FAMILIES]
+    return table(["metric", "IP", *(f"`{m}` ÷ nft" for m in others)], rows)
+
+
+def missing_lines(results: Results, modes: tuple[str, ...]) -> list[str]:
+    out = []
+    for m in modes:
+        if measured(results, m):
+            continue
+        why = "; ".join(results.missing.get(m, [])) or "every measurement failed (see below)"
+        out.append(f"- `{m}`: not measured in any run: {why}")
+    return out
+
+
+def median_ratio(results: Results, mode: str, fam: int, key: str) -> float | None:
+    r = results.ratios(mode, fam, key)
+    return statistics.median(r) if r else None
+
+
+def reference_table(results: Results, modes: tuple[str, ...]) -> list[str]:
+    """Targets and others' figures against what this run measured (ratios to nft-dnat)."""
+    head = ["workload"]
+    for m in TARGETS:
+        head += [f"`{m}` v4 / v6", "target"]
+    if "haproxy" in modes:
+        head.append("`haproxy` v4 / v6")
+    head += [f"{r} (others)" for r in REFERENCES]
+    rows = []
+    for key in LOADS:
+        row = [METRICS[key][0]]
+        for m, targets in TARGETS.items():
+            got = [median_ratio(results, m, f, key) for f in FAMILIES]
+            if m not in modes:
+                shown = "not run"
+            elif not measured(results, m):
+                shown = "missing"
+            else:
+                # Three decimals, so that a "no" at 0.547 does not read as 0.55.
+                shown = " / ".join(f"{g:.3f}" if g is not None else "–" for g in got)
+                met = all(g is not None and g >= targets[key] for g in got)
+                shown += " (met)" if met else " (not met)"
+            row += [shown, f"≥ {targets[key]:.2f}"]
+        if "haproxy" in modes:
+            got = [median_ratio(results, "haproxy", f, key) for f in FAMILIES]
+            row.append(" / ".join(f"{g:.2f}" if g is not None else "–" for g in got)
+                       if measured(results, "haproxy") else "missing")
+        row += [f"{ref[key]:.2f}" for ref in REFERENCES.values()]
+        rows.append(row)
+    return ["Targets and references (fraction of nft-dnat of the same run, median of the "
+            "runs; \"met\" when both IPv4 and IPv6 reach the target; \"others\": figures "
+            "measured by others on this kind of machine, not in this run):", "",
+            *table(head, rows, left=1)]
+
+
+def cost_tables(results: Results, modes: tuple[str, ...]) -> list[str]:
+    shown = [m for m in modes if measured(results, m)]
+    rows, rows_machine = [], []
+    for key in LOADS:
         for fam in FAMILIES:
-            row = [f"{label} ({unit})", f"v{fam}"]
-            row += [cell(results.get(m, fam, key), unit) for m in modes]
-            row += [ratio_cell(results.ratios(m, fam, key)) for m in others]
-            out.append("| " + " | ".join(row) + " |")
-    return out
+            row, row_m = [METRICS[key][0], f"v{fam}"], [METRICS[key][0], f"v{fam}"]
+            for m in shown:
+                cs = [c for c in results.cost.get((m, fam, key), []) if c.packets > 0]
+                if not cs:
+                    row.append("–")
+                    row_m.append("–")
+                    continue
+                kpps = statistics.median(c.packets / c.seconds for c in cs) / 1000
+                mach = statistics.median(c.machine_cpu / c.packets * 1e6 for c in cs)
+                if m in KERNEL_MODES:
+                    row.append(f"{mach:.1f}† ({kpps:,.0f}k)")
+                else:
+                    own = statistics.median(c.balancer_cpu / c.packets * 1e6 for c in cs
+                                            if c.balancer_cpu is not None)
+                    row.append(f"{own:.1f} ({kpps:,.0f}k)")
+                busy = results.busy.get((m, fam, key))
+                row_m.append(f"{statistics.median(busy):.2f} ({mach:.1f})" if busy else
+                             f"– ({mach:.1f})")
+            rows.append(row)
+            rows_machine.append(row_m)
+    head = ["workload", "IP", *(f"`{m}`" for m in shown)]
+    return [
+        "Balancer CPU seconds per million packets that lb received on its two links (a "
+        "GSO/GRO super-packet counts once; the same count in every mode), median over runs; "
+        "in parentheses packets/s. `loaded`, `loaded-conntrack`: the daemon's workers and "
+        "supervisor (user and system time; on the per-packet path that includes the "
+        "forwarding the kernel does when a verdict re-injects a packet, on the conntrack "
+        "path the kernel forwards and NATs most packets in softirq, outside the daemon, so "
+        "its figure leaves that out); `haproxy`: its process (user and system time, which "
+        "includes the kernel's TCP work done in its system calls); † kernel modes: the "
+        "balancing is the kernel's forwarding (and NAT) in softirq, which cannot be told "
+        "apart from the rest of the machine, so this is the CPU of the *whole machine* "
+        "(clients, servers, kernel) per million packets, an upper bound and not comparable "
+        "to the process figures (the table after this one gives that for every mode):",
+        "",
+        *table(head, rows),
+        "",
+        "The whole machine during each measurement, every mode: cores busy (of "
+        f"{os.cpu_count()}; clients, servers, kernel and balancer together) and, in "
+        "parentheses, machine CPU seconds per million packets through lb, median:",
+        "",
+        *table(head, rows_machine),
+    ]
 
 
-def reference_table(results: Results) -> list[str]:
-    out = ["Against the issue's reference (fraction of nft-dnat, higher is better):", "",
-           "| workload | C++ per-packet balancer | target | loaded v4 | loaded v6 | met |",
-           "|---|---:|---:|---:|---:|---|"]
-    for key, (ref, target) in REFERENCE.items():
-        got = [statistics.median(r) if (r := results.ratios("loaded", f, key)) else None
-               for f in FAMILIES]
-        met = "yes" if all(g is not None and g >= target for g in got) else "no"
-        # Three decimals, so that a "no" at 0.447 does not read as 0.45.
-        cells_ = [f"{g:.3f}" if g is not None else "–" for g in got]
-        out.append(f"| {METRICS[key][0]} | {ref:.2f} | ≥ {target:.2f} | "
-                   f"{' | '.join(cells_)} | {met} |")
-    return out
+def memory_table(results: Results, modes: tuple[str, ...]) -> list[str]:
+    rows = []
+    for m in modes:
+        if m in KERNEL_MODES:
+            rows.append([f"`{m}`", "none: the kernel (conntrack and nftables state, not "
+                         "measured)", "–"])
+            continue
+        mem = results.memory.get(m)
+        if not mem:
+            rows.append([f"`{m}`", "missing", "–"])
+            continue
+        rss = {k: max(x.get(k, 0.0) for x in mem) for k in mem[0]}
+        total = max(sum(x.values()) for x in mem)
+        rows.append([f"`{m}`", ", ".join(f"{k} {v:.1f}" for k, v in rss.items()),
+                     f"{total:.1f}"])
+    return ["Balancer memory: VmRSS of its processes after the run (MiB, max over runs; the "
+            "sum counts pages the processes share once per process):", "",
+            *table(["mode", "processes", "sum"], rows, left=2)]
 
 
 def loaded_table(results: Results, seconds: int) -> list[str]:
-    out = ["What loaded spends (per measurement window, median over runs; packets counted by "
-           "the kernel's queues, a GSO super-packet once; CPU from /proc/PID/stat):", "",
-           "| workload | IP | packets/s through the queues | worker CPU s / M packets | "
-           "of which in the kernel | workers busy (cores: sum = w0 + w1) | "
+    names = [m for m in MODE_CLASSES if issubclass(MODE_CLASSES[m], Loaded)
+             and any(k[0] == m for k in results.usage)]
+    out = ["What loaded spends, by its own counters (per measurement window, median over "
+           "runs; packets counted by the kernel's queues, a GSO super-packet once; CPU from "
+           "/proc/PID/stat):", "",
+           "| mode | workload | IP | packets/s through the queues | worker CPU s / M queued "
+           "packets | of which in the kernel | workers busy (cores: sum = w0 + w1) | "
            "supervisor CPU s | queue drops |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for key in LOADS:
-        for fam in FAMILIES:
-            us = results.usage.get(("loaded", fam, key), [])
-            if not us:
-                continue
-            pps = statistics.median(u.packets / seconds for u in us)
-            per_m = statistics.median(u.worker_cpu / u.packets * 1e6 for u in us if u.packets)
-            kernel = statistics.median(u.worker_system / u.worker_cpu for u in us
-                                       if u.worker_cpu)
-            # The run with the median total (upper one of two), with its split.
-            mid = sorted(us, key=lambda u: u.worker_cpu)[len(us) // 2]
-            split = " + ".join(f"{w / seconds:.2f}" for w in mid.worker_split)
-            sup = statistics.median(u.supervisor_cpu for u in us)
-            drops = sum(u.queue_drops for u in us)
-            out.append(f"| {METRICS[key][0]} | v{fam} | {pps:,.0f} | {per_m:.1f} | "
-                       f"{kernel:.0%} | {mid.worker_cpu / seconds:.2f} = {split} | "
-                       f"{sup:.2f} | {drops} |")
-    if mem := results.memory.get("loaded"):
-        rss = {k: max(m.get(k, 0.0) for m in mem) for k in mem[0]}
-        out += ["", "loaded memory (VmRSS after the run, max over runs): " +
-                ", ".join(f"{k} {v:.1f} MiB" for k, v in rss.items()) + "."]
-    if results.batch:
-        out += ["", "loaded packets per burst (one recv loop, one verdict sendmsg), over "
-                f"each whole run: {', '.join(f'{b:.2f}' for b in results.batch)}."]
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name in names:
+        for key in LOADS:
+            for fam in FAMILIES:
+                us = results.usage.get((name, fam, key), [])
+                if not us:
+                    continue
+                pps = statistics.median(u.packets / seconds for u in us)
+                per_m = [u.worker_cpu / u.packets * 1e6 for u in us if u.packets]
+                kernel = [u.worker_system / u.worker_cpu for u in us if u.worker_cpu]
+                # The run with the median total (upper one of two), with its split.
+                mid = sorted(us, key=lambda u: u.worker_cpu)[len(us) // 2]
+                split = " + ".join(f"{w / seconds:.2f}" for w in mid.worker_split)
+                sup = statistics.median(u.supervisor_cpu for u in us)
+                drops = sum(u.queue_drops for u in us)
+                out.append(
+                    f"| `{name}` | {METRICS[key][0]} | v{fam} | {pps:,.0f} | "
+                    + (f"{statistics.median(per_m):.1f} | " if per_m else "– | ")
+                    + (f"{statistics.median(kernel):.0%} | " if kernel else "– | ")
+                    + f"{mid.worker_cpu / seconds:.2f} = {split} | {sup:.2f} | {drops} |")
+    for name in names:
+        if batch := results.batch.get(name):
+            out += ["", f"`{name}` packets per burst (one recv loop, one verdict sendmsg), "
+                    f"over each whole run: {', '.join(f'{b:.2f}' for b in batch)}."]
     return out
 
 
-def busy_table(results: Results, modes: tuple[str, ...], ncpu: str) -> list[str]:
-    out = [f"Cores busy on the whole machine during each measurement (of {ncpu}; clients, "
-           "servers, kernel and balancer together), median:", "",
-           "| workload | IP | " + " | ".join(modes) + " |", "|---|---|" + "---:|" * len(modes)]
-    for key in LOADS:
-        for fam in FAMILIES:
-            row = [f"{statistics.median(b):.2f}" if (b := results.busy.get((m, fam, key)))
-                   else "–" for m in modes]
-            out.append(f"| {METRICS[key][0]} | v{fam} | " + " | ".join(row) + " |")
-    return out
+CHART_COLORS = {"direct": "#9e9e9e", "haproxy": "#e69f00", "loaded": "#0072b2",
+                "loaded-conntrack": "#009e73"}
+
+
+def write_chart(results: Results, modes: tuple[str, ...], path: Path, title: str) -> str | None:
+    """Grouped bars of the ratio to nft-dnat (median, min–max error bars), one panel
+    per family; returns why not, if no chart was written."""
+    if "nft-dnat" not in modes:
+        return "no chart: it needs nft-dnat among the modes"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no chart: matplotlib is not installed (.venv/bin/pip install -e '.[bench]')"
+    shown = [m for m in modes if m != "nft-dnat"]
+    width = 0.8 / max(1, len(shown))
+    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(11, 4.6), sharey=True)
+    top = 1.2
+    for ax, fam in zip(axes, FAMILIES, strict=True):
+        target_label: str | None = "target"
+        for i, m in enumerate(shown):
+            color = CHART_COLORS.get(m, f"C{i}")
+            for j, key in enumerate(LOADS):
+                x = j - 0.4 + width * (i + 0.5)
+                r = results.ratios(m, fam, key)
+                if not r:
+                    ax.text(x, 0.03, "missing", rotation=90, ha="center", va="bottom",
+                            fontsize=8, color=color)
+                    ax.bar(x, 0, width, color=color, label=m if j == 0 else None)
+                else:
+                    med = statistics.median(r)
+                    ax.bar(x, med, width, color=color, label=m if j == 0 else None,
+                           yerr=[[med - min(r)], [max(r) - med]], capsize=3,
+                           error_kw={"elinewidth": 1, "ecolor": "black"})
+                    top = max(top, max(r) + 0.1)
+                if (target := TARGETS.get(m, {}).get(key)) is not None:
+                    ax.hlines(target, x - width / 2, x + width / 2, colors="black",
+                              linestyles="dashed", linewidth=1.5, label=target_label)
+                    target_label = None
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(LOADS)), ["keep-alive req/s", "new conn/s", "bulk Gbit/s"])
+        ax.set_title(f"IPv{fam}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("÷ nft-dnat of the same run (1.0 = nft-dnat)")
+    axes[0].set_ylim(0, top)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False,
+               bbox_to_anchor=(0.5, 0.93))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
 
 
 def report(results: Results, settings: Settings, command: str, mach: dict[str, str],
-           elapsed: float) -> str:
+           elapsed: float, chart: Path | None) -> str:
     """The markdown section: set-up, the tables, and whatever went wrong."""
     modes = settings.modes
     spread = (f"spread over {settings.clients} client addresses by an SNAT rule in the "
@@ -902,13 +1382,18 @@ def report(results: Results, settings: Settings, command: str, mach: dict[str, s
     out = [
         SECTION,
         "",
-        f"Machine: {mach['nproc']} cores, {mach['cpu']}, kernel {mach['kernel']}, "
-        f"Python {mach['python']}; {mach['tools']}. Load average (1, 5, 15 min) at start "
-        f"{mach['load']}, at the end {mach['load_end']} (the cores are shared with other "
-        "work: expect noise).",
+        f"Machine: {mach['nproc']} cores ({mach['cpu']}, a virtual machine shared with other "
+        f"work), {mach['mem']} RAM, {mach['os']}, kernel {mach['kernel']}, Python "
+        f"{mach['python']}; {mach['tools']}. Load average (1, 5, 15 min) at start "
+        f"{mach['load']}, at the end {mach['load_end']} (expect noise: ratios to nft-dnat of "
+        "the same run are the robust numbers).",
         "",
         f"Command: `{command}` ({settings.runs} run(s), {settings.seconds} s per wrk/iperf3 "
-        f"measurement, {settings.ping_count} pings, took {elapsed / 60:.1f} min).",
+        f"measurement, {settings.ping_count} pings and TCP exchanges, took "
+        f"{elapsed / 60:.1f} min). To reproduce, as root on Debian 12: `./run setup && "
+        ".venv/bin/pip install -e '.[bench]'`, then the command (it installs nginx, wrk, "
+        "iperf3, haproxy and nftables with apt when missing; `--quick` for 2 runs of 3 s, "
+        "`--modes` for a subset).",
         "",
         "Modes (each in a fresh lab; order rotated between runs):",
         "",
@@ -916,23 +1401,45 @@ def report(results: Results, settings: Settings, command: str, mach: dict[str, s
         "",
         f"Load: `wrk -t1 -c{settings.conns} -d{settings.seconds}s` (HTTP {spread}); "
         f"`-H 'Connection: close'` for new connections; `iperf3 -t {settings.seconds}`, one "
-        f"stream, one client address; `ping -i 0.01 -c {settings.ping_count}` on an idle lab. "
-        "Backends: nginx (1 worker, static 3-byte body, keepalive_requests 100000) and "
+        f"stream, one client address; `ping -i 0.01 -c {settings.ping_count}` on an idle lab; "
+        f"TCP RTT: {settings.ping_count} HTTP requests 10 ms apart on one kept-alive "
+        "connection (TCP_NODELAY) from a Python client, each timed from the send to the last "
+        "byte of the answer (the first, with the connection set-up, not counted): a round "
+        "trip through the balancer plus nginx's and the client's handling, the same in every "
+        "mode. "
+        + ("With `haproxy` the VIP is a local address of lb, so lb itself answers the pings "
+           "(they do not reach a backend) and only the TCP RTT compares. "
+           if "haproxy" in modes else "")
+        + "Backends: nginx (1 worker, static 3-byte body, keepalive_requests 100000) and "
         "iperf3 on b1 and b2. Median over runs (min–max); ratios are mode ÷ nft-dnat of the "
         "same run, median (min–max).",
         "",
-        *results_table(results, modes),
     ]
-    if "loaded" in modes and "nft-dnat" in modes:
-        out += ["", *reference_table(results)]
-    if any(k[0] == "loaded" for k in results.usage):
+    if chart is not None:
+        rel = os.path.relpath(chart, DOC.parent)
+        out += [f"![Ratio to nft-dnat per mode]({rel})", "",
+                f"`{rel}`: throughput of each mode ÷ nft-dnat of the same run (bars: median, "
+                "whiskers: min–max over runs; dashed: the targets of loaded's two data "
+                "paths; line at 1.0: nft-dnat).", ""]
+    out += [*results_table(results, modes)]
+    if missing := missing_lines(results, modes):
+        out += ["", *missing]
+    if "nft-dnat" in modes:
+        out += ["", *ratios_table(results, modes)]
+        out += ["", *reference_table(results, modes)]
+    out += ["", *cost_tables(results, modes)]
+    out += ["", *memory_table(results, modes)]
+    if results.usage:
         out += ["", *loaded_table(results, settings.seconds)]
-    out += ["", *busy_table(results, modes, mach["nproc"])]
     seen = [f"{m} v{f}: {', '.join(sorted(s))}" for (m, f), s in sorted(results.seen.items())]
-    out += ["", "Backends answering 8 check requests before the load: " + "; ".join(seen) + "."]
+    if seen:
+        out += ["", "Backends answering 8 check requests before the load: " + "; ".join(seen)
+                + "."]
     if results.notes:
         out += ["", "Anomalies during the run:", ""]
         out += [f"- {n}" for n in results.notes[:40]]
+        if len(results.notes) > 40:
+            out.append(f"- ... and {len(results.notes) - 40} more")
     return "\n".join(out) + "\n"
 
 
@@ -983,7 +1490,7 @@ def _on_signal(signum: int, frame: object) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="2 runs, 3 s measurements, 100 pings (~2 min)")
+                    help="2 runs, 3 s measurements, 100 pings (~4.5 min for all modes)")
     ap.add_argument("--runs", type=int, help="runs per cell (default 3; --quick: 2)")
     ap.add_argument("--seconds", type=int, help="length of each wrk/iperf3 measurement "
                     "(default 5; --quick: 3)")
@@ -993,7 +1500,11 @@ def main() -> int:
                     help="client addresses HTTP is spread over, 1..4 (default 4)")
     ap.add_argument("--modes", default=",".join(MODES),
                     help=f"comma-separated subset of {','.join(MODES)}")
-    ap.add_argument("--no-doc", action="store_true", help=f"do not write {DOC.relative_to(REPO)}")
+    ap.add_argument("--no-doc", action="store_true",
+                    help=f"do not write {DOC.relative_to(REPO)} nor {CHART.relative_to(REPO)}")
+    ap.add_argument("--chart", type=Path,
+                    help=f"write the chart here (default {CHART.relative_to(REPO)}, "
+                    "none with --no-doc)")
     ap.add_argument("--keep", action="store_true", help="keep configs and logs (a temp dir)")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = ap.parse_args()
@@ -1014,7 +1525,7 @@ def main() -> int:
         return 2
     installed = ensure_tools()
     print(f"bench_lab: installed {installed}" if installed else
-          "bench_lab: nginx, wrk, iperf3, nft, ping already installed", file=sys.stderr)
+          f"bench_lab: {', '.join(TOOLS)} already installed", file=sys.stderr)
 
     est = settings.estimate()
     # Hard bound on the whole run: servers die by `timeout` at `lifetime` and the
@@ -1048,7 +1559,23 @@ def main() -> int:
     elapsed = time.monotonic() - t0
     mach["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    text = report(results, settings, command.strip(), mach, elapsed)
+    chart: Path | None = None
+    chart_path = args.chart or (None if args.no_doc else CHART)
+    if chart_path is not None:
+        title = (f"bench_lab.py: {settings.runs} run(s) of {settings.seconds} s, "
+                 f"{mach['nproc']} shared cores, kernel {mach['kernel']}, "
+                 f"{time.strftime('%Y-%m-%d')}")
+        try:
+            why_not = write_chart(results, modes, chart_path, title)
+        except Exception as e:  # a chart must not cost the tables of a long run
+            why_not = f"no chart: {e!r}"
+        if why_not is None:
+            chart = chart_path
+            print(f"bench_lab: wrote {chart_path}", file=sys.stderr)
+        else:
+            results.notes.append(why_not)
+            print(f"bench_lab: {why_not}", file=sys.stderr)
+    text = report(results, settings, command.strip(), mach, elapsed, chart)
     print(text)
     if not args.no_doc:
         write_doc(text)
@@ -1060,7 +1587,10 @@ def main() -> int:
             "usage": {f"{m}/v{f}/{k}": [u.__dict__ for u in us]
                       for (m, f, k), us in results.usage.items()},
             "busy": {f"{m}/v{f}/{k}": v for (m, f, k), v in results.busy.items()},
+            "cost": {f"{m}/v{f}/{k}": [c.__dict__ for c in cs]
+                     for (m, f, k), cs in results.cost.items()},
             "memory": results.memory, "batch": results.batch, "notes": results.notes,
+            "missing": results.missing,
         }
         args.json.write_text(json.dumps(raw, indent=1))
     return 0
