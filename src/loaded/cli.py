@@ -3,7 +3,8 @@
 ``loaded [-4|-6] [-c FILE] [-f] [-D] [-Q QLEN] [-U USER]`` runs the balancer with
 the original's options; ``--check`` and ``--dry-run`` validate and show without
 touching anything. Subcommands (``loaded replay``, ``loaded lab``) are tools
-around it.
+around it; ``loaded status|backend|clients|reload`` talk to a running daemon
+through its control socket (``loaded.control``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def daemon_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="loaded",
         description="Layer-3/4 load balancer on netfilter NFQUEUE, IPv4 and IPv6.",
-        epilog="Subcommands: 'loaded replay --help', 'loaded lab --help'.",
+        epilog="Subcommands: 'loaded replay --help', 'loaded lab --help'; for a running "
+               "daemon: 'loaded status|backend|clients|reload --help'.",
     )
     fam = p.add_mutually_exclusive_group()
     fam.add_argument("-4", dest="family", action="store_const", const=4,
@@ -107,13 +109,23 @@ def main_lab(argv: Sequence[str]) -> int:
     return lab_main(argv)
 
 
+def main_control(argv: Sequence[str]) -> int:
+    """``loaded status|backend|clients|reload ...``: talk to a running daemon."""
+    from loaded.control.cli import main as control_main
+
+    return control_main(argv)
+
+
 SUBCOMMANDS = {"replay": main_replay, "lab": main_lab}
+CONTROL_COMMANDS = ("status", "backend", "clients", "reload")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
+    if argv and argv[0] in CONTROL_COMMANDS:
+        return main_control(argv)
     args = daemon_parser().parse_args(argv)
     path = find_config(args.config)
     config = read_config(path)
@@ -169,7 +181,7 @@ def run_daemon(args: argparse.Namespace, config: Config, path: str) -> int:
     if not args.foreground:
         detach()
     supervisor = Supervisor(config, families, plan, maxlen=args.qlen or config.nfq_len,
-                            user=args.user, failover=args.failover)
+                            user=args.user, failover=args.failover, config_path=path)
     return supervisor.run()
 
 

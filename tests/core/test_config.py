@@ -67,7 +67,7 @@ def test_minimal_ipv4_and_defaults() -> None:
     assert (c.port_alive, c.check_cycle, c.nfq_len, c.failover) == (80, 30.0, 4096, False)
     assert (c.first_core, c.last_core) == (0, 0)
     assert (c.client_timeout, c.client_table_max) == (300.0, 1_000_000)
-    assert (c.datapath, c.fail_open, c.gso) == ("perpacket", False, True)
+    assert (c.datapath, c.fail_open, c.gso) == ("conntrack", False, True)
     assert c.nameservers == () and c.warnings == ()
     assert c.families() == (4,)
 
@@ -971,3 +971,43 @@ def test_arbitrary_text_gives_config_or_config_error(lines: list[str]) -> None:
     else:
         assert c.families()
         assert all(p.severity == "warning" for p in c.warnings)
+
+
+# --------------------------------------------------------------------------
+# Operating: control socket, status server, saved client tables
+
+
+def test_operating_keys_defaults() -> None:
+    c = parse(V4)
+    assert c.control_socket is None and c.control_group is None
+    assert c.status_listen == ("127.0.0.1", 9180)
+    assert c.persist_clients and c.persist_max_age == 600.0 and c.persist_file is None
+
+
+@pytest.mark.parametrize("line,field,value", [
+    ("status_listen=[2001:db8::1]:9300", "status_listen", ("2001:db8::1", 9300)),
+    ("status_listen=198.18.0.1:0", "status_listen", ("198.18.0.1", 0)),
+    ("status_listen=off", "status_listen", None),
+    ("control_socket=/run/x.sock", "control_socket", "/run/x.sock"),
+    ("control_group=loaded-ops", "control_group", "loaded-ops"),
+    ("control_group=1001", "control_group", "1001"),
+    ("persist_clients=no", "persist_clients", False),
+    ("persist_max_age=30", "persist_max_age", 30.0),
+    ("persist_file=/var/tmp/t.json", "persist_file", "/var/tmp/t.json"),
+])
+def test_operating_keys(line: str, field: str, value: object) -> None:
+    assert getattr(parse(V4 + line + "\n"), field) == value
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("status_listen=localhost:9180", "is not host:port"),
+    ("status_listen=[::1]:70000", "out of range"),
+    ("status_listen=[nope]:80", "is not host:port"),
+    ("control_socket=run/x.sock", "not an absolute path"),
+    ("control_group=a/b", "not a group"),
+    ("persist_max_age=0", "out of range"),
+    ("persist_file=x.json", "not an absolute path"),
+])
+def test_operating_keys_refused_with_line_and_reason(line: str, reason: str) -> None:
+    p = only_error(V4 + line + "\n")
+    assert p.line == V4.count("\n") + 1 and reason in p.message

@@ -436,3 +436,35 @@ def test_pool_commands_carry_the_index_every_worker_must_agree_on() -> None:
     assert nxt.index == 10
     with pytest.raises(ValueError, match="taken"):
         e1.apply({"op": "add", "vip": VIP4, "backend": "198.19.0.79", "index": 9}, 1.0)
+
+
+def test_graceful_remove_keeps_clients_until_idle_then_leaves() -> None:
+    e = engine()
+    svc = e.service(ipaddress.ip_address(VIP4))
+    assert svc is not None
+    first = handle(e, raw(ip(4, CLIENTS4[0], VIP4) / l4("tcp", b"")), now=1.0)
+    assert first is not None
+    b = e.apply({"op": "remove", "vip": VIP4, "backend": first, "graceful": True}, 1.0)
+    assert b.state is State.DRAINING and b in svc.leaving
+    # its client stays; a new client never gets it
+    assert handle(e, raw(ip(4, CLIENTS4[0], VIP4) / l4("tcp", b"")), now=2.0) == first
+    for c in CLIENTS4[1:]:
+        assert handle(e, raw(ip(4, c, VIP4) / l4("tcp", b"")), now=2.0) != first
+    assert e.settle(3.0) == [] and ipaddress.ip_address(first) in svc.pool
+    # once its client has been idle long enough, it leaves the pool
+    gone = e.settle(2.0 + 2 * 300.0 + 1)
+    assert [str(g.ip) for g in gone] == [first]
+    assert ipaddress.ip_address(first) not in svc.pool and not svc.leaving
+
+
+def test_graceful_remove_without_clients_is_immediate_and_readd_revives() -> None:
+    e = engine()
+    svc = e.service(ipaddress.ip_address(VIP6))
+    assert svc is not None
+    e.apply({"op": "remove", "vip": VIP6, "backend": BACKENDS6[2], "graceful": True}, 1.0)
+    assert ipaddress.ip_address(BACKENDS6[2]) not in svc.pool
+    chosen = handle(e, raw(ip(6, CLIENTS6[0], VIP6) / l4("udp", b"")))
+    assert chosen is not None
+    e.apply({"op": "remove", "vip": VIP6, "backend": chosen, "graceful": True}, 1.0)
+    b = e.apply({"op": "add", "vip": VIP6, "backend": chosen, "weight": 2}, 1.0)
+    assert b.state is State.UP and b.weight == 2 and not svc.leaving

@@ -28,6 +28,8 @@ NS=198.18.5.53
 
 
 def plan(extra: str = "", families: tuple[int, ...] = (4, 6), cpus: int = 2) -> Plan:
+    if "datapath=" not in extra:
+        extra += "datapath=perpacket\n"
     config = parse_config(BASE + extra, "t.conf")
     return make_plan(config, families, "abc123", cpus)
 
@@ -145,5 +147,6 @@ def test_conntrack_path_nft_table() -> None:
     assert "nftables table inet loaded_abc123" in "\n".join(describe(p))
 
 
-def test_per_packet_plan_has_no_nft_table() -> None:
+def test_per_packet_plan_has_no_nft_table_and_conntrack_is_the_default() -> None:
     assert plan().nft == () and plan().datapath == "perpacket"
+    assert make_plan(parse_config(BASE, "t.conf"), (4,), "abc123", 2).datapath == "conntrack"

@@ -93,10 +93,21 @@ New in this implementation:
 ``client_timeout``    seconds a client stays in the client table after its
                       last packet, 1..604800 (300)
 ``client_table_max``  most clients remembered, 1..100000000 (1000000)
-``datapath``          ``perpacket`` (default) or ``conntrack``
+``datapath``          ``conntrack`` (default) or ``perpacket`` (see the README)
 ``fail_open``         ``yes|no`` (no): whether the kernel lets packets through
                       unbalanced when the daemon is dead or a queue is full
 ``gso``               ``yes|no`` (yes): take GSO super-packets from the queue
+``control_socket``    path of the control socket (default
+                      ``/run/loaded/<instance tag>.sock``); absolute
+``control_group``     a group whose members may use the control socket
+                      (default: none, root only); a name or a number
+``status_listen``     ``host:port`` of the metrics and status page server
+                      (``127.0.0.1:9180``; IPv6 as ``[::1]:9180``), or ``off``
+``persist_clients``   ``yes|no`` (yes): save the client tables on a clean
+                      stop and restore them on the next start
+``persist_max_age``   seconds a saved table stays good, 1..604800 (600)
+``persist_file``      where the tables are saved (default
+                      ``/var/lib/loaded/<instance tag>.clients.json``); absolute
 ====================  ========================================================
 
 Health checks and failover
@@ -267,9 +278,15 @@ class Config:
     private_gw6: IPv6Address | None = None
     client_timeout: float = 300.0
     client_table_max: int = 1_000_000
-    datapath: str = "perpacket"
+    datapath: str = "conntrack"
     fail_open: bool = False
     gso: bool = True
+    control_socket: str | None = None
+    control_group: str | None = None
+    status_listen: tuple[str, int] | None = ("127.0.0.1", 9180)
+    persist_clients: bool = True
+    persist_max_age: float = 600.0
+    persist_file: str | None = None
     check: str = "tcp"
     check_port: int = 80
     check_interval: float = 2.0
@@ -453,6 +470,30 @@ def _bool(value: str) -> bool:
     raise _Bad(f"{_q(value)} is not yes or no (also accepted: 1/0, true/false, on/off)")
 
 
+def _abspath(value: str) -> str:
+    if not value.startswith("/") or "\0" in value or len(value) > 4096:
+        raise _Bad(f"{_q(value)} is not an absolute path")
+    return value
+
+
+def _listen(value: str) -> tuple[str, int] | None:
+    """``host:port`` (IPv6 in brackets), or ``off``."""
+    if value.lower() in _FALSE or value.lower() == "off":
+        return None
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([0-9.]+):([0-9]{1,5})", value)
+    if m is None:
+        raise _Bad(f"{_q(value)} is not host:port (IPv6 as [addr]:port) or off")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise _Bad(f"{_q(host)} is not an IP address") from None
+    if not 0 <= port <= 65535:
+        raise _Bad(f"port {port} is out of range 0..65535")
+    return host, port
+
+
 def _choice(value: str, choices: frozenset[str], what: str) -> str:
     if value not in choices:
         raise _Bad(f"{_q(value)} is not a {what} (known: {', '.join(sorted(choices))})")
@@ -545,7 +586,8 @@ _SINGLE = frozenset({
     "VIP4", "VIP6", "strategy", "broadcast", "port_alive", "check_cycle", "nfq_len",
     "failover", "VIP4net", "VIP6net", "FIRST_CORE", "LAST_CORE", "RIP4", "RIP6",
     "public_NIC", "private_NIC", "client_timeout", "client_table_max", "datapath",
-    "fail_open", "gso",
+    "fail_open", "gso", "control_socket", "control_group", "status_listen",
+    "persist_clients", "persist_max_age", "persist_file",
     *_HEALTH_KEYS,
 })
 _MULTI = frozenset({"server4", "server6", "NS", "private_GW"})
@@ -586,9 +628,15 @@ class _Parser:
         self.gw_lines: dict[int, int] = {}
         self.client_timeout = 300.0
         self.client_table_max = 1_000_000
-        self.datapath = "perpacket"
+        self.datapath = "conntrack"
         self.fail_open = False
         self.gso = True
+        self.control_socket: str | None = None
+        self.control_group: str | None = None
+        self.status_listen: tuple[str, int] | None = ("127.0.0.1", 9180)
+        self.persist_clients = True
+        self.persist_max_age = 600.0
+        self.persist_file: str | None = None
         self.check = "tcp"
         self.check_port: int | None = None  # None: port_alive
         self.check_interval = 2.0
@@ -623,6 +671,12 @@ class _Parser:
             "datapath": self._datapath,
             "fail_open": self._fail_open,
             "gso": self._gso,
+            "control_socket": self._control_socket,
+            "control_group": self._control_group,
+            "status_listen": self._status_listen,
+            "persist_clients": self._persist_clients,
+            "persist_max_age": self._persist_max_age,
+            "persist_file": self._persist_file,
             "check": self._check,
             "check_port": self._check_port,
             "check_interval": self._check_seconds,
@@ -938,6 +992,32 @@ class _Parser:
         self._no_options(ln)
         self.gso = _bool(ln.value)
 
+    def _control_socket(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.control_socket = _abspath(ln.value)
+
+    def _control_group(self, ln: _Line) -> None:
+        self._no_options(ln)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}", ln.value):
+            raise _Bad(f"{_q(ln.value)} is not a group name or number")
+        self.control_group = ln.value
+
+    def _status_listen(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.status_listen = _listen(ln.value)
+
+    def _persist_clients(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.persist_clients = _bool(ln.value)
+
+    def _persist_max_age(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.persist_max_age = _seconds(ln.value, 1.0, MAX_CLIENT_TIMEOUT)
+
+    def _persist_file(self, ln: _Line) -> None:
+        self._no_options(ln)
+        self.persist_file = _abspath(ln.value)
+
     def _check(self, ln: _Line) -> None:
         self._no_options(ln)
         self.check = _choice(ln.value, CHECKS, "check")
@@ -1130,6 +1210,12 @@ class _Parser:
             datapath=self.datapath,
             fail_open=self.fail_open,
             gso=self.gso,
+            control_socket=self.control_socket,
+            control_group=self.control_group,
+            status_listen=self.status_listen,
+            persist_clients=self.persist_clients,
+            persist_max_age=self.persist_max_age,
+            persist_file=self.persist_file,
             check=self.check,
             check_port=self.port_alive if self.check_port is None else self.check_port,
             check_interval=self.check_interval,

@@ -86,6 +86,9 @@ class Service:
         # their replies get the VIP as source too (the original's stateless
         # return path), and are counted here.
         self.unlisted = Backend(real_net.network_address if real_net is not None else vip, vip)
+        # Backends removed gracefully: draining, gone from the pool once their
+        # last client is (``Engine.settle``).
+        self.leaving: set[Backend] = set()
 
     @property
     def version(self) -> int:
@@ -133,18 +136,41 @@ class Engine:
 
     def add_backend(self, vip: IPAddress, ip: IPAddress, weight: int = 1,
                     state: State = State.UP, index: int | None = None) -> Backend:
-        """Add a backend; one already there takes the weight and state given."""
-        pool = self._require(vip).pool
+        """Add a backend; one already there (or still leaving) takes the weight and
+        state given."""
+        svc = self._require(vip)
+        pool = svc.pool
         if ip in pool:
-            pool.set_weight(ip, weight)
+            b = pool.set_weight(ip, weight)
+            svc.leaving.discard(b)
             return pool.set_state(ip, state)
         return pool.add(ip, weight, state, index)
 
-    def remove_backend(self, vip: IPAddress, ip: IPAddress, now: float) -> Backend:
+    def remove_backend(self, vip: IPAddress, ip: IPAddress, now: float,
+                       graceful: bool = False) -> Backend:
+        """Take a backend out of the pool. ``graceful``: as IPVS does, it takes no new
+        client but keeps the ones it has (drains) and leaves once the last of them
+        has gone idle; else it leaves now and its clients move."""
         svc = self._require(vip)
+        b = svc.pool.get(ip)
+        if graceful and b is not None and b.clients > 0:
+            svc.pool.set_state(ip, State.DRAINING)
+            svc.leaving.add(b)
+            return b
         b = svc.pool.remove(ip)
+        svc.leaving.discard(b)
         svc.table.backend_down(b, now)
         return b
+
+    def settle(self, now: float) -> list[Backend]:
+        """Expire idle clients, then let go of leaving backends without clients."""
+        gone: list[Backend] = []
+        for svc in self.services:
+            svc.table.expire(now)
+            for b in [b for b in svc.leaving if b.clients == 0]:
+                svc.leaving.discard(b)
+                gone.append(svc.pool.remove(b.ip))
+        return gone
 
     def set_weight(self, vip: IPAddress, ip: IPAddress, weight: int) -> Backend:
         return self._require(vip).pool.set_weight(ip, weight)
@@ -164,7 +190,7 @@ class Engine:
                                     State(str(command.get("state", "up"))),
                                     None if index is None else int(str(index)))
         if op == "remove":
-            return self.remove_backend(vip, ip, now)
+            return self.remove_backend(vip, ip, now, graceful=bool(command.get("graceful")))
         if op == "weight":
             return self.set_weight(vip, ip, int(str(command["weight"])))
         raise ValueError(f"unknown pool command {op!r}")

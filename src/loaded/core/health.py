@@ -264,6 +264,8 @@ class TargetStatus:
     check: str
     hotplugged: bool
     checks: int
+    last_ok: bool | None = None  # the latest probe's result; None before the first
+    last_at: float | None = None  # when it came (monotonic)
 
 
 # --------------------------------------------------------------------------
@@ -335,8 +337,8 @@ class Settings:
 class _Target:
     __slots__ = (
         "anchor", "check", "checks", "count", "health", "hotplugged", "in_flight",
-        "ip", "latency", "missed", "next_due", "overdue", "pool_state", "reason",
-        "since", "vip",
+        "ip", "last_at", "last_ok", "latency", "missed", "next_due", "overdue", "pool_state",
+        "reason", "since", "vip",
     )
 
     def __init__(self, vip: IPAddress, ip: IPAddress, check: CheckSpec, health: Health,
@@ -351,6 +353,8 @@ class _Target:
         self.reason = "configured" if not hotplugged else "discovered"
         self.latency = 0.0
         self.checks = 0
+        self.last_ok: bool | None = None
+        self.last_at: float | None = None
         self.anchor = first_due  # the phase of this target's probes
         self.next_due = first_due
         self.in_flight = False
@@ -522,6 +526,8 @@ class HealthMonitor:
         t.checks += 1
         t.reason = result.reason
         t.latency = result.latency
+        t.last_ok = result.ok
+        t.last_at = now
         events: list[Event] = []
         towards = TRANSITIONS[(t.health, result.ok)]
         if towards is None:
@@ -589,6 +595,22 @@ class HealthMonitor:
                                                      f"discoveries", now))
         return events
 
+    def watch(self, vip: IPAddress, ip: IPAddress, now: float, *, up: bool = True,
+              pool_state: State = State.UP) -> bool:
+        """Start checking a backend the operator added at run time (probed at once).
+        It starts ``up`` as a configured backend does: it is in service already.
+        False if it is watched already."""
+        self._require(vip)
+        if (vip, ip) in self._targets:
+            return False
+        self._add(_Target(vip, ip, self.settings.check, Health.UP if up else Health.DOWN,
+                          now, now, False, pool_state))
+        return True
+
+    def unwatch(self, vip: IPAddress, ip: IPAddress) -> bool:
+        """Stop checking a backend that left the pool; a probe in flight is ignored."""
+        return self._targets.pop((vip, ip), None) is not None
+
     def discovery_failed(self, vip: IPAddress, reason: str, now: float) -> list[Event]:
         """A discovery of ``vip`` could not run; the next one is tried on schedule.
         Hot-plugged targets are not counted as unseen for it."""
@@ -600,7 +622,8 @@ class HealthMonitor:
 
     def status(self) -> list[TargetStatus]:
         return [TargetStatus(t.vip, t.ip, t.health is Health.UP, t.since, t.reason,
-                             t.latency, t.check.label, t.hotplugged, t.checks)
+                             t.latency, t.check.label, t.hotplugged, t.checks, t.last_ok,
+                             t.last_at)
                 for t in self._targets.values()]
 
     def health(self, vip: IPAddress, ip: IPAddress) -> Health | None:

@@ -19,6 +19,7 @@ the capabilities listed in ``loaded.io.privileges.SUPERVISOR_CAPS``.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -26,14 +27,30 @@ import queue
 import select
 import signal
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from loaded import __version__
+from loaded.control.protocol import socket_path
+from loaded.control.server import ControlServer
+from loaded.control.web import StatusServer
 from loaded.core.config import Config
 from loaded.core.engine import build_engine
-from loaded.core.health import Event, HealthMonitor, HostAdded, pool_command
+from loaded.core.health import (
+    Event,
+    HealthMonitor,
+    HostAdded,
+    HostRemoved,
+    StateChanged,
+    pool_command,
+)
 from loaded.core.plan import Neighbour, Plan
-from loaded.core.pool import ct_mark
+from loaded.core.pool import State, ct_mark
+from loaded.daemon.control import Operator
+from loaded.daemon.status import build_status
 from loaded.daemon.worker import Worker, WorkerSpec
 from loaded.io.kernel import JOURNAL_DIR, Kernel, KernelError
 from loaded.io.nfqueue import read_proc_stats
@@ -48,6 +65,17 @@ STOP_TIMEOUT = 5.0
 NEIGHBOUR_RETRY = 5.0
 REPLAY_ORDER = ("remove", "add", "weight", "state")
 FORGET_AGAIN = 0.5
+
+
+@dataclass
+class _Query:
+    """A question to every worker; ``done`` gets the replies when all are in, or
+    those that came by the deadline."""
+
+    expected: set[int]
+    done: Callable[[list[dict[str, Any]]], None]
+    deadline: float
+    replies: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -66,8 +94,10 @@ class _Child:
 class Supervisor:
     def __init__(self, config: Config, families: tuple[int, ...], plan: Plan, *,
                  maxlen: int, user: str | None, drop_privileges: bool = True,
-                 failover: bool = False, journal_dir: Path = JOURNAL_DIR) -> None:
+                 failover: bool = False, journal_dir: Path = JOURNAL_DIR,
+                 config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = os.path.abspath(config_path or config.path)
         self.failover = failover or config.failover
         self.health: HealthRunner | None = None
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
@@ -95,6 +125,29 @@ class Supervisor:
                 self.indexes[(str(vip), str(spec.ip))] = i
         self.conntrack = plan.datapath == "conntrack"
         self._forget_again: list[tuple[float, int]] = []
+        # What the workers' pools hold, (VIP, backend) -> weight and state, kept
+        # from the commands sent; the operator's word; the configured state a
+        # healthy, enabled backend has; what health says; its changes.
+        self.pool_view: dict[tuple[str, str], dict[str, Any]] = {}
+        self.configured_state: dict[tuple[str, str], State] = {}
+        for family in families:
+            vip = config.vip4 if family == 4 else config.vip6
+            for spec in config.servers4 if family == 4 else config.servers6:
+                key = (str(vip), str(spec.ip))
+                self.pool_view[key] = {"weight": spec.weight, "state": spec.state.value}
+                self.configured_state[key] = spec.state
+        self.admin: dict[tuple[str, str], str] = {}
+        self.health_down: dict[tuple[str, str], bool] = {}
+        self.transitions: Counter[tuple[str, str]] = Counter()
+        self.operator = Operator(self)
+        self.control: ControlServer | None = None
+        self.web: StatusServer | None = None
+        self._status: dict[str, Any] = {}
+        self._qids = itertools.count(1)
+        self._queries: dict[int, _Query] = {}
+        self._reload_requested = False
+        self._started_wall = time.time()
+        self._counters: dict[int, tuple[int, int]] = {}
         self._wake_r, self._wake_w = os.pipe()
         self._started = time.monotonic()
 
@@ -115,6 +168,16 @@ class Supervisor:
                     for fd in (other.fd, other.control):
                         if fd >= 0:
                             os.close(fd)
+                # The operator's sockets are the supervisor's alone.
+                inherited = [self.web.fileno()] if self.web is not None else []
+                if self.control is not None:
+                    inherited += self.control.read_fds() + self.control.write_fds()
+                for fd in set(inherited):
+                    if fd >= 0:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 os.set_blocking(cr, False)
@@ -161,10 +224,23 @@ class Supervisor:
         elif op == "add":
             ops.pop("remove", None)
         ops[op] = command
+        view = self.pool_view
+        if op == "remove":
+            view.pop(key, None)
+        elif op == "add":
+            view[key] = {"weight": command.get("weight", 1), "state": command.get("state", "up")}
+        elif key in view:
+            if op == "weight":
+                view[key] = dict(view[key], weight=command["weight"])
+            elif op == "state":
+                state = str(command["state"])
+                if state == "down" and not command.get("cut", True):
+                    state = "draining"  # as the engine does it: keep = drain
+                view[key] = dict(view[key], state=state)
         for child in self.children:
             if child.pid:
                 self._send(child, command)
-        if self.conntrack and (op == "remove" or (
+        if self.conntrack and ((op == "remove" and not command.get("graceful")) or (
                 op == "state" and command.get("state") == "down" and command.get("cut", True))):
             # The workers choose elsewhere from now on; the kernel must forget the
             # connections it still carries to this backend. Once more a moment
@@ -182,6 +258,141 @@ class Supervisor:
             return
         if n:
             log.info("event=connections-cut mark=%#x count=%d", mark, n)
+
+    # --- the operator's view ---------------------------------------------------
+
+    def vips(self) -> list[str]:
+        return [str(self.config.vip4 if f == 4 else self.config.vip6) for f in self.families]
+
+    def effective_command(self, vip: str, ip: str) -> dict[str, object]:
+        """The state command that the operator's word, health and the configured
+        state add up to (see ``loaded.daemon.control``)."""
+        key = (vip, ip)
+        admin = self.admin.get(key, "enabled")
+        cut = self.config.on_backend_down == "cut"
+        if admin == "disabled":
+            return {"op": "state", "vip": vip, "backend": ip, "state": "down", "cut": True}
+        if admin == "drain":
+            return {"op": "state", "vip": vip, "backend": ip, "state": "draining"}
+        if self.health_down.get(key):
+            return {"op": "state", "vip": vip, "backend": ip, "state": "down", "cut": cut}
+        state = self.configured_state.get(key, State.UP)
+        return {"op": "state", "vip": vip, "backend": ip, "state": state.value}
+
+    def admin_state(self, vip: str, ip: str) -> State:
+        """The state without health: the operator's word, else the configured one."""
+        admin = self.admin.get((vip, ip), "enabled")
+        if admin == "disabled":
+            return State.DOWN
+        if admin == "drain":
+            return State.DRAINING
+        return self.configured_state.get((vip, ip), State.UP)
+
+    def watch(self, vip: str, ip: str) -> None:
+        if self.health is not None:
+            self.health.watch(ipaddress.ip_address(vip), ipaddress.ip_address(ip))
+        if self.config.private_nic:
+            self.kernel.unresolved.append(Neighbour(self.config.private_nic,
+                                                    ipaddress.ip_address(ip)))
+
+    def unwatch(self, vip: str, ip: str) -> None:
+        if self.health is not None:
+            self.health.unwatch(ipaddress.ip_address(vip), ipaddress.ip_address(ip))
+        self.health_down.pop((vip, ip), None)
+
+    # --- questions to the workers ------------------------------------------------
+
+    def ask(self, query: dict[str, Any], done: Callable[[list[dict[str, Any]]], None],
+            timeout: float, only: dict[int, dict[str, Any]] | None = None) -> None:
+        """Send ``query`` (or, per worker index, ``only``'s query) to the workers
+        that run; ``done(replies)`` runs in the main loop."""
+        qid = next(self._qids)
+        targets = [c for c in self.children if c.pid and c.control >= 0
+                   and (only is None or c.spec.index in only)]
+        q = _Query({c.spec.index for c in targets}, done, time.monotonic() + timeout)
+        if not targets:
+            done([])
+            return
+        self._queries[qid] = q
+        for c in targets:
+            body = query if only is None else only[c.spec.index]
+            self._send(c, dict(body, op="query", id=qid))
+
+    def _on_reply(self, child: _Child, msg: dict[str, Any]) -> None:
+        q = self._queries.get(msg.get("reply", -1))
+        if q is None:
+            return
+        q.replies.append(msg)
+        q.expected.discard(child.spec.index)
+        if not q.expected:
+            del self._queries[msg["reply"]]
+            q.done(q.replies)
+
+    def _expire_queries(self, now: float) -> None:
+        for qid, q in list(self._queries.items()):
+            if now >= q.deadline or not any(
+                    c.pid for c in self.children if c.spec.index in q.expected):
+                del self._queries[qid]
+                log.warning("event=query-incomplete missing=%s", sorted(q.expected))
+                q.done(q.replies)
+
+    def _wait_queries(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._queries and time.monotonic() < deadline:
+            self._poll(0.05)
+            self._expire_queries(time.monotonic())
+
+    # --- status ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        health = self.health.status() if self.health is not None else []
+        extra = {k: dict(v, mark=ct_mark(ipaddress.ip_address(k[1]).version,
+                                         self.index_of(*k)))
+                 for k, v in self.pool_view.items()}
+        endpoints: dict[str, str] = {}
+        if self.web is not None:
+            endpoints = {"status": self.web.url + "/", "metrics": self.web.url + "/metrics"}
+        if self.control is not None:
+            endpoints["control"] = self.control.path
+        workers = [dict(c.last, restarts=c.restarts, alive=c.pid != 0, index=c.spec.index,
+                        queue=c.spec.queue) for c in self.children]
+        return build_status(
+            daemon={"pid": os.getpid(), "tag": self.plan.tag, "config": self.config_path,
+                    "version": __version__, "uptime": now - self._started,
+                    "started_at": self._started_wall},
+            vips=[(f, v) for f, v in zip(self.families, self.vips(), strict=True)],
+            strategy=self.config.strategy, datapath=self.plan.datapath, workers=workers,
+            health=health, admin=self.admin, transitions=self.transitions,
+            counters=self._counters if self.conntrack else None,
+            kernel_queues={str(k): v for k, v in read_proc_stats().items()
+                           if k in self.plan.queues},
+            endpoints=endpoints, now_mono=now, now_wall=time.time(), extra_backends=extra)
+
+    def _cached_status(self) -> dict[str, Any]:
+        # The HTTP server's threads: the main loop refreshes this once a second.
+        return self._status
+
+    def _start_servers(self) -> None:
+        path = self.config.control_socket or socket_path(self.plan.tag)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.control = ControlServer(path, self.operator.handle,
+                                         group=self.config.control_group)
+        except (OSError, KeyError) as e:
+            log.error("event=control-socket-failed path=%s error=%s", path, e)
+        listen = self.config.status_listen
+        if listen is not None:
+            try:
+                self.web = StatusServer(listen[0], listen[1], self._cached_status)
+                self.web.start()
+            except OSError as e:
+                log.error("event=status-server-failed listen=%s:%d error=%s", *listen, e)
+                self.web = None
+        self._status = self.status()
+        log.info("event=control-ready socket=%s status=%s",
+                 self.control.path if self.control else "-",
+                 self.web.url if self.web else "-")
 
     @staticmethod
     def _send(child: _Child, command: dict[str, object]) -> None:
@@ -224,16 +435,21 @@ class Supervisor:
         *lines, child.buf = child.buf.split(b"\n")
         for line in lines:
             try:
-                child.last = json.loads(line)
-                child.ready = True
+                msg = json.loads(line)
             except ValueError:
-                pass
+                continue
+            if "reply" in msg:
+                self._on_reply(child, msg)
+            else:
+                child.last = msg
+                child.ready = True
 
     # --- main loop -----------------------------------------------------------
 
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_stop if sig != signal.SIGHUP else self._ignore)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGCHLD, self._ignore)
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
@@ -244,12 +460,15 @@ class Supervisor:
             return 1
         try:
             self.kernel.apply_base()
+            self._start_servers()  # before the supervisor gives up privileges
             limit_supervisor()
             for child in self.children:
                 self._spawn(child)
             if not self._wait_ready():
                 log.error("event=startup-failed reason=workers-not-ready")
                 return 1
+            if self.config.persist_clients:
+                self._restore_tables()
             self.kernel.apply_rules()
             if self.failover:
                 self._start_health()
@@ -263,6 +482,24 @@ class Supervisor:
             return 1
         finally:
             self._shutdown()
+
+    def _restore_tables(self) -> None:
+        queries = self.operator.restore_queries()
+        if not queries:
+            return
+
+        def done(replies: list[dict[str, Any]]) -> None:
+            restored = sum(int(r.get("result", {}).get("restored", 0)) for r in replies)
+            errors = [r["error"] for r in replies if "error" in r]
+            log.info("event=clients-restored count=%d workers=%d errors=%s", restored,
+                     len(replies), errors[:1] or "none")
+
+        self.ask({}, done, 10.0, only=queries)
+        self._wait_queries(10.0)
+
+    def _save_tables(self) -> None:
+        self.ask({"query": "dump"}, self.operator.save_tables, 5.0)
+        self._wait_queries(5.0)
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -300,6 +537,20 @@ class Supervisor:
             command = pool_command(event, cut=cut)
             if command is None:
                 continue
+            key = (str(command["vip"]), str(command["backend"]))
+            if isinstance(event, StateChanged):
+                self.health_down[key] = not event.up
+                self.transitions[key] += 1
+                if self.admin.get(key, "enabled") != "enabled":
+                    log.info("event=health-not-applied vip=%s backend=%s up=%s admin=%s",
+                             *key, event.up, self.admin[key])
+                    continue
+            elif isinstance(event, HostAdded):
+                self.configured_state[key] = State.UP
+                self.health_down[key] = True  # discovered hosts start down
+            elif isinstance(event, HostRemoved):
+                self.admin.pop(key, None)
+                self.health_down.pop(key, None)
             self.command(command)
             if isinstance(event, HostAdded) and self.config.private_nic:
                 self.kernel.unresolved.append(Neighbour(self.config.private_nic, event.ip))
@@ -313,9 +564,17 @@ class Supervisor:
             for child in self.children:
                 if child.pid == 0 and now >= child.restart_at:
                     self._spawn(child)
+            self._expire_queries(now)
+            if self._reload_requested:
+                self._reload_requested = False
+                try:
+                    self.operator.reload(dry_run=False)
+                except ValueError as e:
+                    log.error("event=reload-failed error=%s", str(e).replace("\n", "; "))
             if now >= next_stats:
                 next_stats = now + 1.0
                 self.write_stats()
+                self._status = self.status()
             while self._forget_again and self._forget_again[0][0] <= now:
                 self._forget(self._forget_again.pop(0)[1])
             if self.kernel.unresolved and now >= next_neigh:
@@ -325,10 +584,18 @@ class Supervisor:
 
     def _poll(self, timeout: float) -> None:
         fds = [self._wake_r] + [c.fd for c in self.children if c.fd >= 0]
+        wfds: list[int] = []
+        control = self.control
+        if control is not None:
+            fds += control.read_fds()
+            wfds = control.write_fds()
+            nxt = control.next_timeout()
+            if nxt is not None:
+                timeout = max(0.0, min(timeout, nxt))
         try:
-            readable, _, _ = select.select(fds, [], [], timeout)
+            readable, writable, _ = select.select(fds, wfds, [], timeout)
         except InterruptedError:
-            readable = []
+            readable, writable = [], []
         if self._wake_r in readable:
             try:
                 os.read(self._wake_r, 512)
@@ -338,6 +605,13 @@ class Supervisor:
         for child in self.children:
             if child.fd >= 0 and child.fd in readable:
                 self._read(child)
+        if control is not None:
+            for fd in readable:
+                if fd in control.read_fds():
+                    control.on_readable(fd)
+            for fd in writable:
+                control.on_writable(fd)
+            control.tick()
 
     def write_stats(self) -> None:
         stats = {
@@ -353,10 +627,10 @@ class Supervisor:
         }
         if self.conntrack:
             try:
+                self._counters = self.kernel.backend_counters()
                 stats["conntrack"] = {
                     "invalid": self.kernel.invalid_drops(),
-                    "backends": {f"{mark:#x}": list(v) for mark, v in
-                                 self.kernel.backend_counters().items()},
+                    "backends": {f"{mark:#x}": list(v) for mark, v in self._counters.items()},
                 }
             except Exception as e:
                 log.warning("event=counters-unreadable error=%r", e)
@@ -368,9 +642,18 @@ class Supervisor:
             log.warning("event=stats-write-failed error=%s", e)
 
     def _shutdown(self) -> None:
+        clean = self.stopping and any(c.ready and c.pid for c in self.children)
         self.stopping = True
         if self.health is not None:
             self.health.stop()
+        if clean and self.config.persist_clients:
+            self._save_tables()
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         for child in self.children:
             if child.pid:
                 try:
@@ -395,6 +678,9 @@ class Supervisor:
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self._reload_requested = True
 
     def _ignore(self, signum: int, frame: object) -> None:
         pass

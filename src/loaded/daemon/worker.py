@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from loaded.core.checksum import ones_sum
 from loaded.core.engine import Engine
 from loaded.core.errors import PacketError, Reason
-from loaded.io.nfqueue import ACCEPT, ACCEPT_UNCHANGED, DROP, NfQueue
+from loaded.core.persist import dump_tables, list_clients, restore_tables
+from loaded.core.preview import lookup_client, preview
+from loaded.io.nfqueue import ACCEPT, ACCEPT_UNCHANGED, DROP, LATENCY_BOUNDS, NfQueue
 from loaded.io.privileges import WORKER_CAPS, drop_privileges
 
 log = logging.getLogger("loaded.worker")
@@ -38,6 +42,19 @@ class WorkerSpec:
     drop_privileges: bool = True
     refuse_when_empty: bool = True  # no_backend=refuse
     conntrack: bool = False  # datapath=conntrack: first packets only, answered with a mark
+
+
+def _latency(q: NfQueue | None) -> dict[str, object]:
+    """The queue's user-space latency histogram as cumulative buckets."""
+    if q is None:
+        return {"buckets": [], "sum": 0.0, "count": 0}
+    running = 0
+    buckets: list[list[float]] = []
+    for bound, n in zip(LATENCY_BOUNDS, q.stats.latency_counts, strict=False):
+        running += n
+        buckets.append([bound, running])
+    return {"buckets": buckets, "sum": q.stats.latency_sum,
+            "count": sum(q.stats.latency_counts)}
 
 
 class Worker:
@@ -92,8 +109,8 @@ class Worker:
         if now < self._next_report:
             return
         self._next_report = now + REPORT_EVERY
-        for svc in self.engine.services:
-            svc.table.expire(now)
+        for b in self.engine.settle(now):
+            log.info("event=backend-left queue=%d backend=%s", self.spec.queue, b.ip)
         self.report()
 
     def on_control(self) -> None:
@@ -110,6 +127,9 @@ class Worker:
         for line in lines:
             try:
                 command = json.loads(line)
+                if command.get("op") == "query":
+                    self.answer(command)
+                    continue
                 b = self.engine.apply(command, now)
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("event=bad-command queue=%d command=%r error=%s", self.spec.queue,
@@ -117,6 +137,51 @@ class Worker:
                 continue
             log.debug("event=applied queue=%d op=%s backend=%s state=%s", self.spec.queue,
                       command.get("op"), b.ip, b.state.value)
+
+    def answer(self, query: dict[str, Any]) -> None:
+        """A question from the supervisor (for the control socket): answered on the
+        report pipe as ``{"reply": id, "result": ...}`` or ``{"reply": id, "error": ...}``."""
+        now = time.monotonic()
+        what = query.get("query")
+        reply: dict[str, Any] = {"reply": query.get("id"), "index": self.spec.index}
+        try:
+            if what == "preview":
+                reply["result"] = preview(self.engine, query["command"], now).to_json()
+            elif what == "lookup":
+                reply["result"] = lookup_client(self.engine, str(query["client"]), now)
+            elif what == "clients":
+                reply["result"] = list_clients(self.engine, now, query.get("vip"),
+                                               query.get("limit"))
+            elif what == "dump":
+                reply["result"] = dump_tables(self.engine, now, time.time())
+            elif what == "restore":
+                reply["result"] = restore_tables(self.engine, query["data"], now, time.time(),
+                                                 float(query["max_age"])).to_json()
+            else:
+                raise ValueError(f"unknown query {what!r}")
+        except (ValueError, KeyError, TypeError, LookupError) as e:
+            reply["error"] = str(e) or type(e).__name__
+        self._write(json.dumps(reply).encode() + b"\n")
+
+    def _write(self, data: bytes, timeout: float = 10.0) -> None:
+        """All of ``data`` on the report pipe (a reply may be far larger than the
+        pipe's buffer), waiting for the supervisor to read, within ``timeout``."""
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        while view:
+            try:
+                n = os.write(self.report_fd, view)
+                view = view[n:]
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("event=reply-lost queue=%d bytes=%d", self.spec.queue,
+                                len(view))
+                    return
+                select.select([], [self.report_fd], [], min(left, 0.5))
+            except BrokenPipeError:
+                self.stopping = True
+                return
 
     def snapshot(self) -> dict[str, object]:
         q = self.queue
@@ -134,6 +199,7 @@ class Worker:
             "drops": dict(self.drops),
             "refused": self.refused,
             "cpu_seconds": time.process_time(),
+            "latency": _latency(q),
             "services": {
                 str(svc.vip): {
                     "clients": len(svc.table),
@@ -147,11 +213,7 @@ class Worker:
         }
 
     def report(self) -> None:
-        line = json.dumps(self.snapshot()).encode() + b"\n"
-        try:
-            os.write(self.report_fd, line)
-        except (BlockingIOError, BrokenPipeError):
-            pass
+        self._write(json.dumps(self.snapshot()).encode() + b"\n", timeout=1.0)
 
     def warm_up(self) -> None:
         """Run the engine's code paths once so nothing is loaded lazily after chroot."""

@@ -19,11 +19,13 @@ Protocol constants are from ``linux/netfilter/nfnetlink_queue.h``.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -89,6 +91,10 @@ MARK_MIN = 0x100  # a verdict >= this is a packet mark: accepted unchanged, with
 Handler = Callable[[memoryview, bool], int]
 
 
+LATENCY_BOUNDS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
+                  25e-3, 100e-3)
+
+
 class QueueError(OSError):
     """The queue could not be bound or configured."""
 
@@ -102,6 +108,10 @@ class QueueStats:
     truncated: int = 0  # larger than the copy range: dropped, never half-rewritten
     overruns: int = 0  # ENOBUFS: the socket buffer overflowed, the kernel dropped
     verdict_errors: dict[int, int] = field(default_factory=dict)
+    # Time in user space, from reading a burst to sending its verdicts, counted
+    # once per packet of the burst: a histogram over LATENCY_BOUNDS (+inf last).
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1))
+    latency_sum: float = 0.0
 
 
 class NfQueue:
@@ -201,6 +211,9 @@ class NfQueue:
         accept_be = socket.htonl(NF_ACCEPT)
         drop_be = socket.htonl(NF_DROP)
         htonl = socket.htonl
+        perf_counter = time.perf_counter
+        bisect_left = bisect.bisect_left
+        bounds = LATENCY_BOUNDS
         while not should_stop():
             try:
                 ready = poller.poll(poll_ms)
@@ -216,6 +229,7 @@ class NfQueue:
             out: list[memoryview | bytes] = []
             out_bytes = 0
             i = 0
+            started = perf_counter()
             while i < batch:
                 try:
                     n = recv_into(bufs[i], _RECV_SIZE, dontwait)
@@ -280,10 +294,13 @@ class NfQueue:
                               0, 0)
                     out.append(hviews[i][:_VERDICT.size - 4])
                 i += 1
-            if i:
-                stats.batches += 1
             if out:
                 _send(sock, out, stats)
+            if i:
+                stats.batches += 1
+                took = perf_counter() - started
+                stats.latency_counts[bisect_left(bounds, took)] += i
+                stats.latency_sum += took * i
             if tick is not None:
                 tick()
 

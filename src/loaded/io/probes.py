@@ -547,6 +547,23 @@ class HealthRunner:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def watch(self, vip: IPAddress, ip: IPAddress, up: bool = True) -> bool:
+        with self._lock:
+            added = self.monitor.watch(vip, ip, self.clock(), up=up)
+        self._poke()
+        return added
+
+    def unwatch(self, vip: IPAddress, ip: IPAddress) -> bool:
+        with self._lock:
+            return self.monitor.unwatch(vip, ip)
+
+    def _poke(self) -> None:
+        """Wake the probe loop from another thread: a new target is due now."""
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(wake.set)
+
     def status(self) -> list[TargetStatus]:
         with self._lock:
             return self.monitor.status()

@@ -101,6 +101,28 @@ class Balancer:
                 out.append(f"worker {q} internal errors {w['drops']['internal-error']}")
         return out
 
+    def control(self, *args: str, check: bool = True, timeout: float = 20.0) -> Any:
+        """``loaded ARGS --json -c CONF`` in the balancer's namespace: the daemon's
+        answer, parsed."""
+        proc = self.lab.run("lb", [sys.executable, "-m", "loaded", *args, "--json", "-c",
+                                   str(self.conf)], check=False, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise BalancerError(f"loaded {' '.join(args)}: exit {proc.returncode}: "
+                                f"{proc.stderr.strip()}")
+        return json.loads(proc.stdout) if proc.stdout.strip() else None
+
+    def http_get(self, url: str, timeout: float = 10.0) -> str:
+        """GET ``url`` from inside the balancer's namespace (the status server
+        listens on its loopback)."""
+        code = ("import sys, urllib.request;"
+                "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read()"
+                ".decode())")
+        proc = self.lab.run("lb", [sys.executable, "-c", code, url], check=False,
+                            timeout=timeout)
+        if proc.returncode != 0:
+            raise BalancerError(f"GET {url}: {proc.stderr.strip()[-500:]}")
+        return str(proc.stdout)
+
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.stats()["workers"] if w.get("alive") and "pid" in w]
 

@@ -801,6 +801,9 @@ class Lab:
 
     def write_config(self, path: str | os.PathLike[str], **overrides: Any) -> Path:
         p = Path(path)
+        # Saved client tables beside the config, inside the lab's directory:
+        # gone with the lab, never left in /var/lib/loaded.
+        overrides.setdefault("persist_file", f"{p.resolve()}.clients.json")
         p.write_text(self.config_text(**overrides))
         return p
 

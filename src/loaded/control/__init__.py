@@ -1,0 +1,1 @@
+"""Run-time control of a running daemon: the control socket, its protocol, the CLI."""

@@ -1,0 +1,560 @@
+"""``loaded status``, ``loaded backend``, ``loaded clients``, ``loaded reload``: the
+command line of the control socket.
+
+Every command is a function of its parsed arguments and a ``request(cmd, args)``
+callable that returns the daemon's ``result`` (``loaded.control.server.request``
+bound to the socket), so that it can be tested without a daemon. Output is text
+for people, or with ``--json`` the result exactly as the daemon sent it.
+
+Exit status: 0 done; 1 the daemon refused or could not be reached (the reason
+on stderr); 2 bad usage.
+
+Wiring into the main command line::
+
+    parser = argparse.ArgumentParser(prog="loaded")
+    add_subcommands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.control(args)          # or run(args)
+
+or simply ``main(["status", ...])``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+from loaded.control.protocol import (
+    BACKEND_ACTIONS,
+    DEFAULT_LIMIT,
+    CommandFailed,
+    ControlError,
+    socket_path_for_config,
+)
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "RequestFn",
+    "add_subcommands",
+    "cmd_backend",
+    "cmd_clients",
+    "cmd_reload",
+    "cmd_status",
+    "format_backend",
+    "format_clients",
+    "format_lookup",
+    "format_preview",
+    "format_reload",
+    "format_status",
+    "main",
+    "run",
+]
+
+RequestFn = Callable[[str, dict[str, Any]], Any]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+DEFAULT_TIMEOUT = 15.0
+
+
+# --- the parser ---------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    where = common.add_mutually_exclusive_group()
+    where.add_argument("-c", dest="config", metavar="FILE",
+                       help="the daemon's config file, which names its socket "
+                            "(default: loaded.conf or loaded.config here)")
+    where.add_argument("--socket", metavar="PATH",
+                       help="the control socket (default: /run/loaded/<tag>.sock of -c FILE)")
+    common.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"how long to wait for the daemon (default {DEFAULT_TIMEOUT:g})")
+    return common
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Register ``status``, ``backend``, ``clients`` and ``reload`` on an argparse
+    subparsers object; each sets ``args.control`` to the function that runs it."""
+    common = _common()
+    p = subparsers.add_parser(
+        "status", parents=[common], help="the daemon's services, backends and workers",
+        description="Every VIP with its strategy, every backend with its state, "
+                    "weight, clients, traffic and health.")
+    p.add_argument("--exact", action="store_true", help="counters in full, not as 1.2M")
+    p.set_defaults(control=run, control_cmd="status")
+
+    p = subparsers.add_parser(
+        "backend", parents=[common], help="add, remove, reweight, drain, disable, enable",
+        description="Change one backend of a running daemon. drain: no new clients, "
+                    "existing ones stay; disable: down, its clients move now; enable: up.")
+    p.add_argument("action", choices=BACKEND_ACTIONS)
+    p.add_argument("address", help="the backend's address")
+    p.add_argument("--vip", help="the VIP (default: the daemon's VIP of that family)")
+    p.add_argument("--weight", type=int, metavar="N", help="weight 0..65535 (add, weight)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="change nothing; say how many clients would move where")
+    p.set_defaults(control=run, control_cmd="backend")
+
+    p = subparsers.add_parser("clients", help="the client tables: list, or look one client up")
+    sub = p.add_subparsers(dest="clients_action", required=True, metavar="list|lookup")
+    q = sub.add_parser("list", parents=[common], help="clients and their backends")
+    q.add_argument("--vip", help="only this VIP")
+    q.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
+                   help=f"at most N clients per VIP (default {DEFAULT_LIMIT})")
+    q.set_defaults(control=run, control_cmd="clients")
+    q = sub.add_parser("lookup", parents=[common], help="which backend serves a client")
+    q.add_argument("client", help="the client's address")
+    q.add_argument("--vip", help="only this VIP")
+    q.set_defaults(control=run, control_cmd="clients")
+
+    p = subparsers.add_parser(
+        "reload", parents=[common], help="read the config file again and apply it",
+        description="Apply the config file's backend changes to the running daemon; "
+                    "list what needs a restart.")
+    p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+    p.set_defaults(control=run, control_cmd="reload")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loaded", description="Control a running loaded daemon.")
+    add_subcommands(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    return run(parser().parse_args(list(argv)))
+
+
+def socket_of(args: argparse.Namespace) -> str:
+    """``--socket``; else the config's ``control_socket`` when it sets one; else
+    ``/run/loaded/<tag>.sock`` of the config (``-c``, or the daemon's default search)."""
+    if getattr(args, "socket", None):
+        return str(args.socket)
+    config = getattr(args, "config", None)
+    if not config:
+        from loaded.cli import find_config
+
+        config = find_config(None)
+    from loaded.core.config import load_config
+    from loaded.core.errors import ConfigError
+
+    try:
+        custom = getattr(load_config(config), "control_socket", None)
+    except ConfigError:  # unreadable or broken now: the daemon may still run
+        custom = None
+    return str(custom) if custom else socket_path_for_config(config)
+
+
+def run(args: argparse.Namespace, request: RequestFn | None = None,
+        out: TextIO | None = None, err: TextIO | None = None, now: float | None = None) -> int:
+    """Run the command ``args`` names (``args.control_cmd``)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    name = str(args.control_cmd)
+    if request is None:
+        from loaded.control.server import request as send
+
+        path = socket_of(args)
+        timeout = float(getattr(args, "timeout", DEFAULT_TIMEOUT))
+
+        def request(cmd: str, body: dict[str, Any]) -> Any:
+            return send(path, cmd, body, timeout=timeout)
+
+    commands: dict[str, Callable[..., int]] = {
+        "status": functools.partial(cmd_status, now=now),
+        "backend": cmd_backend, "clients": cmd_clients, "reload": cmd_reload}
+    try:
+        return commands[name](args, request, out)
+    except _Usage as e:
+        print(f"loaded {name}: {e}", file=err)
+        return EXIT_USAGE
+    except CommandFailed as e:
+        print(f"loaded {name}: the daemon says: {e}", file=err)
+        return EXIT_FAILED
+    except ControlError as e:
+        print(f"loaded {name}: {e}", file=err)
+        return EXIT_FAILED
+
+
+class _Usage(Exception):
+    pass
+
+
+def _emit(args: argparse.Namespace, out: TextIO, result: Any, text: Callable[[], str]) -> None:
+    if getattr(args, "json", False):
+        out.write(json.dumps(result, indent=2) + "\n")
+    else:
+        out.write(text())
+
+
+# --- the commands -------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, request: RequestFn, out: TextIO,
+               now: float | None = None) -> int:
+    result = request("status", {})
+    when = time.time() if now is None else now
+    _emit(args, out, result, lambda: format_status(result, when,
+                                                   exact=getattr(args, "exact", False)))
+    return 0
+
+
+def cmd_backend(args: argparse.Namespace, request: RequestFn, out: TextIO) -> int:
+    action = str(args.action)
+    weight = getattr(args, "weight", None)
+    if action == "weight" and weight is None:
+        raise _Usage("weight needs --weight N")
+    if weight is not None and action not in ("add", "weight"):
+        raise _Usage(f"--weight does not go with {action}")
+    body: dict[str, Any] = {"action": action, "address": args.address,
+                            "dry_run": bool(getattr(args, "dry_run", False))}
+    if getattr(args, "vip", None):
+        body["vip"] = args.vip
+    if weight is not None:
+        body["weight"] = weight
+    result = request("backend", body)
+    _emit(args, out, result, lambda: format_preview(result) if result.get("dry_run")
+          else format_backend(result))
+    return 0
+
+
+def cmd_clients(args: argparse.Namespace, request: RequestFn, out: TextIO) -> int:
+    action = str(args.clients_action)
+    body: dict[str, Any] = {"action": action}
+    if getattr(args, "vip", None):
+        body["vip"] = args.vip
+    if action == "lookup":
+        body["client"] = args.client
+        result = request("clients", body)
+        _emit(args, out, result, lambda: format_lookup(result))
+    else:
+        if args.limit < 1:
+            raise _Usage("--limit must be at least 1")
+        body["limit"] = args.limit
+        result = request("clients", body)
+        _emit(args, out, result, lambda: format_clients(result))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace, request: RequestFn, out: TextIO) -> int:
+    result = request("reload", {"dry_run": bool(getattr(args, "dry_run", False))})
+    _emit(args, out, result, lambda: format_reload(result))
+    return 0
+
+
+# --- formatting ---------------------------------------------------------------------
+
+_UNITS = ("K", "M", "G", "T", "P", "E")
+
+
+def count(n: Any, exact: bool = False) -> str:
+    """A counter: in full below 100000 (or ``exact``), else 123K, 1.2M, 45.6G."""
+    if isinstance(n, bool) or not isinstance(n, int | float):
+        return "-"
+    n = int(n)
+    if exact or abs(n) < 100_000:
+        return str(n)
+    value = float(n)
+    for unit in _UNITS:
+        value /= 1000
+        if abs(value) < 99.95:
+            return f"{value:.1f}{unit}"
+        if abs(value) < 999.5:
+            return f"{value:.0f}{unit}"
+    return f"{value:.0f}{_UNITS[-1]}"
+
+
+def duration(seconds: Any) -> str:
+    """1d 02:03:04, 02:03:04 or 3:04 (minutes)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return "-"
+    s = max(0, int(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d {hours:02d}:{minutes:02d}:{s:02d}"
+    if hours:
+        return f"{hours:02d}:{minutes:02d}:{s:02d}"
+    return f"{minutes}:{s:02d}"
+
+
+def ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool],
+          indent: str = "  ") -> list[str]:
+    """Columns as wide as their widest cell, two blanks apart; numbers to the right.
+    The last column is never padded."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = []
+    for row in [headers, *rows]:
+        cells = []
+        for i, cell in enumerate(row):
+            last = i == len(row) - 1
+            if right[i]:
+                cells.append(str(cell).rjust(widths[i]))
+            else:
+                cells.append(str(cell) if last else str(cell).ljust(widths[i]))
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def _get(d: Any, key: str, default: Any = None) -> Any:
+    return d.get(key, default) if isinstance(d, Mapping) else default
+
+
+def _last_check(check: Any, now: float) -> str:
+    if not isinstance(check, Mapping):
+        return "-"
+    at = _get(check, "at")
+    when = f" {ago(now - at)} ago" if isinstance(at, int | float) else ""
+    text = ("ok" if _get(check, "ok") else "failed") + when
+    detail = str(_get(check, "detail") or "").strip()
+    return f"{text}: {detail}" if detail else text
+
+
+def format_status(status: Mapping[str, Any], now: float, exact: bool = False) -> str:
+    """``status`` as text, in the spirit of ``ipvsadm -Ln --stats``."""
+    lines: list[str] = []
+    d = _get(status, "daemon", {})
+    lines.append(
+        f"loaded {_get(d, 'version', '?')}, pid {_get(d, 'pid', '?')}, "
+        f"config {_get(d, 'config', '?')} (tag {_get(d, 'tag', '?')}), "
+        f"datapath {_get(d, 'datapath', '?')}, up {duration(_get(d, 'uptime'))}")
+    endpoints = _get(status, "endpoints", {})
+    if isinstance(endpoints, Mapping) and endpoints:
+        lines.append("endpoints: " + ", ".join(f"{k} {v}" for k, v in endpoints.items()))
+    services = _get(status, "services", []) or []
+    if not services:
+        lines += ["", "no services"]
+    # One table for every VIP, so that the columns line up across them.
+    rows_of: list[list[list[str]]] = []
+    for svc in services:
+        rows_of.append([[
+            str(_get(b, "address", "?")), str(_get(b, "state", "?")),
+            str(_get(b, "admin", "?")), count(_get(b, "weight"), True),
+            count(_get(b, "clients"), exact), count(_get(b, "new_clients"), exact),
+            count(_get(b, "packets"), exact), count(_get(b, "bytes"), exact),
+            str(_get(b, "health", "?")), _last_check(_get(b, "last_check"), now)]
+            for b in _get(svc, "backends", []) or []])
+    grid = table(["BACKEND", "STATE", "ADMIN", "WEIGHT", "CLIENTS", "NEW", "PACKETS", "BYTES",
+                  "HEALTH", "LAST CHECK"], [r for rows in rows_of for r in rows],
+                 [False, False, False, True, True, True, True, True, False, False])
+    at = 1
+    for svc, rows in zip(services, rows_of, strict=True):
+        n = _get(svc, "clients", 0)
+        lines += ["", f"VIP {_get(svc, 'vip', '?')} (IPv{_get(svc, 'family', '?')}), "
+                      f"strategy {_get(svc, 'strategy', '?')}, "
+                      f"{count(n, exact)} client{'' if n == 1 else 's'}"]
+        if not rows:
+            lines.append("  no backends")
+            continue
+        lines.append(grid[0])
+        lines += grid[at:at + len(rows)]
+        at += len(rows)
+    workers = _get(status, "workers", []) or []
+    if workers:
+        rows = []
+        for w in workers:
+            alive = _get(w, "alive", True)
+            rows.append([str(_get(w, "index", "?")), str(_get(w, "queue", "?")),
+                         str(_get(w, "pid", "?")), "alive" if alive else "dead",
+                         count(_get(w, "restarts", 0), True), count(_get(w, "packets"), exact),
+                         count(_get(w, "dropped"), exact)])
+        lines.append("")
+        lines += table(["WORKER", "QUEUE", "PID", "STATE", "RESTARTS", "PACKETS", "DROPPED"],
+                       rows, [True, True, True, False, True, True, True], indent="")
+    queues = _get(status, "kernel_queues", {}) or {}
+    if isinstance(queues, Mapping) and queues:
+        rows = [[str(q), count(_get(v, "waiting"), exact), count(_get(v, "queue_dropped"), exact),
+                 count(_get(v, "user_dropped"), exact)]
+                for q, v in sorted(queues.items(), key=lambda kv: _queue_order(kv[0]))]
+        lines.append("")
+        lines += table(["QUEUE", "WAITING", "QUEUE DROPPED", "USER DROPPED"], rows,
+                       [True, True, True, True], indent="")
+    return "\n".join(lines) + "\n"
+
+
+def _queue_order(key: str) -> tuple[int, str]:
+    return (int(key), "") if str(key).isdigit() else (1 << 30, str(key))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _values(v: Any) -> str:
+    if not isinstance(v, Mapping):
+        return "-"
+    return f"weight {_get(v, 'weight', '?')}, {_get(v, 'state', '?')}"
+
+
+def format_backend(result: Mapping[str, Any]) -> str:
+    """The answer to an applied ``backend`` action."""
+    action, address, vip = (_get(result, k, "?") for k in ("action", "address", "vip"))
+    before, after = _get(result, "before"), _get(result, "after")
+    if after is None:
+        change = f"removed (was {_values(before)})" if before else "removed"
+    elif before is None:
+        change = f"added ({_values(after)})"
+    else:
+        parts = []
+        if _get(before, "weight") != _get(after, "weight"):
+            parts.append(f"weight {_get(before, 'weight')} -> {_get(after, 'weight')}")
+        if _get(before, "state") != _get(after, "state"):
+            parts.append(f"{_get(before, 'state')} -> {_get(after, 'state')}")
+        change = ", ".join(parts) if parts else f"unchanged ({_values(after)})"
+    return f"{action} {address} on {vip}: {change}\n"
+
+
+def format_preview(result: Mapping[str, Any]) -> str:
+    """The answer to a ``backend --dry-run``: who would move where."""
+    action, address, vip = (_get(result, k, "?") for k in ("action", "address", "vip"))
+    strategy = _get(result, "strategy", "?")
+    clients = int(_get(result, "clients", 0) or 0)
+    moved = int(_get(result, "moved", 0) or 0)
+    lines = [f"dry run: {action} {address} on {vip} (strategy {strategy}); nothing was changed"]
+    if moved:
+        lines.append(f"  {moved} of {_plural(clients, 'client')} would move:")
+        rows = []
+        for m in _get(result, "moves", []) or []:
+            to = _get(m, "to")
+            rows.append([str(_get(m, "from", "?")), "->",
+                         str(to) if to else "(balanced anew on their next packet)",
+                         count(_get(m, "clients"), True)])
+        lines += table(["FROM", "", "TO", "CLIENTS"], rows, [False, False, False, True],
+                       indent="    ")
+    else:
+        lines.append(f"  no client would move ({_plural(clients, 'client')} now)")
+    stay = int(_get(result, "stay", 0) or 0)
+    state_after = _get(result, "state_after")
+    if state_after is None:
+        lines.append(f"  {address} would leave the pool")
+    else:
+        if stay:
+            lines.append(f"  {_plural(stay, 'client')} would stay with {address} "
+                         f"until idle")
+        if not _get(result, "accepts_new_after", True):
+            why = "weight 0" if state_after == "up" else state_after
+            lines.append(f"  {address} would take no new clients ({why})")
+    rehashed = _get(result, "rehashed")
+    if rehashed:
+        lines.append(f"  {rehashed} of the clients that stay would hash elsewhere: they move "
+                     f"once their entry is gone (idle, worker restart)")
+    return "\n".join(lines) + "\n"
+
+
+def format_clients(result: Mapping[str, Any]) -> str:
+    """The answer to ``clients list``."""
+    lines: list[str] = []
+    services = _get(result, "services", []) or []
+    if not services:
+        return "no services\n"
+    for svc in services:
+        entries = _get(svc, "clients", []) or []
+        total = int(_get(svc, "total", len(entries)) or 0)
+        shown = f" (showing {len(entries)})" if len(entries) < total else ""
+        if lines:
+            lines.append("")
+        lines.append(f"VIP {_get(svc, 'vip', '?')}: {_plural(total, 'client')}{shown}")
+        if entries:
+            rows = [[str(e[0]), str(e[1]), f"{ago(float(e[2]))}"] for e in entries
+                    if isinstance(e, list | tuple) and len(e) >= 3]
+            lines += table(["CLIENT", "BACKEND", "IDLE AT LEAST"], rows,
+                           [False, False, True])
+    return "\n".join(lines) + "\n"
+
+
+def format_lookup(result: Mapping[str, Any]) -> str:
+    """The answer to ``clients lookup``."""
+    client = _get(result, "client", "?")
+    services = _get(result, "services", []) or []
+    if not services:
+        return f"{client}: no VIP of its family\n"
+    lines = []
+    for svc in services:
+        head = f"{client} on {_get(svc, 'vip', '?')} ({_get(svc, 'strategy', '?')}): "
+        backend, hashed = _get(svc, "backend"), _get(svc, "hashed")
+        if backend is None:
+            text = "not in the client table; "
+            text += (f"its next packet goes to {hashed} (hash)" if hashed
+                     else "its next packet is balanced like a new client's")
+        elif not _get(svc, "served", True):
+            text = f"its entry names {backend}, which no longer serves it: it moves on " \
+                   f"its next packet"
+        else:
+            idle = _get(svc, "idle")
+            text = f"served by {backend}"
+            if isinstance(idle, int | float) and idle > 0:
+                text += f", idle at least {ago(idle)}"
+            if hashed and hashed != backend:
+                text += f" (its hash now gives {hashed})"
+        lines.append(head + text)
+    return "\n".join(lines) + "\n"
+
+
+def _change_line(c: Mapping[str, Any]) -> list[str]:
+    op, backend, vip = (_get(c, k, "?") for k in ("op", "backend", "vip"))
+    before, after = _get(c, "before"), _get(c, "after")
+    if op == "add":
+        text = f"{backend} to {vip} ({_values(after)})"
+    elif op == "remove":
+        text = f"{backend} from {vip}"
+    elif op == "weight":
+        text = f"{backend} on {vip}: {_get(before, 'weight')} -> {_get(after, 'weight')}"
+    else:
+        text = f"{backend} on {vip}: {_get(before, 'state')} -> {_get(after, 'state')}"
+    if _get(c, "overrides_runtime"):
+        text += " (overrides a change made at run time)"
+    return [op, text]
+
+
+def format_reload(result: Mapping[str, Any]) -> str:
+    """The answer to ``reload``."""
+    changes = _get(result, "changes", []) or []
+    dry = bool(_get(result, "dry_run"))
+    config = _get(result, "config", "?")
+    n = len(changes)
+    if not n:
+        head = "no change to the pools"
+    elif dry:
+        head = f"would apply {_plural(n, 'change')}"
+    else:
+        head = f"applied {_plural(n, 'change')}" if _get(result, "applied", True) else \
+            f"{_plural(n, 'change')} not applied"
+    lines = [f"reload {config}{' (dry run)' if dry else ''}: {head}"]
+    if changes:
+        lines += table(["", ""], [_change_line(c) for c in changes], [False, False])[1:]
+    settings = _get(result, "settings", []) or []
+    live = [s for s in settings if _get(s, "live")]
+    later = [s for s in settings if not _get(s, "live")]
+    if live:
+        lines.append("settings applied live:" if not dry else "settings that would apply live:")
+        lines += [f"  {_get(s, 'key')}: {_get(s, 'old')} -> {_get(s, 'new')} "
+                  f"({_get(s, 'reason')})" for s in live]
+    if later:
+        lines.append("not applied, need a restart:")
+        lines += [f"  {_get(s, 'key')}: {_get(s, 'old')} -> {_get(s, 'new')} "
+                  f"({_get(s, 'reason')})" for s in later]
+    notes = _get(result, "notes", []) or []
+    if notes:
+        lines.append("notes:")
+        lines += [f"  {note}" for note in notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,283 @@
+"""The operator's side of the supervisor: control-socket commands, live changes,
+reload and the saved client tables.
+
+Rules:
+
+- Every change becomes pool commands sent to every worker at once
+  (``Supervisor.command``); nothing restarts, no queue is unbound.
+- The operator's word (``admin``: enabled, drain, disabled) outranks health:
+  a disabled or draining backend stays so whatever its checks say, and health
+  changes of such a backend are recorded, not applied. ``enable`` gives it the
+  state its health calls for (down if its checks say so, else its configured
+  state).
+- Questions about clients (lookup, list, dry runs, the tables to save) go to
+  every worker, because each worker owns the clients hashed to it; the answers
+  are added up.
+- A reload reads the config file again and applies the backend changes
+  (``loaded.core.reload``); settings that need a restart are reported, not
+  applied. A config with errors changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loaded.control.protocol import ProtocolError, pool_command, resolve_vip
+from loaded.control.server import Pending
+from loaded.core.config import Config, load_config
+from loaded.core.errors import ConfigError
+from loaded.core.persist import merge_dumps
+from loaded.core.pool import State
+from loaded.core.preview import merge_previews
+from loaded.core.reload import diff_configs
+
+if TYPE_CHECKING:
+    from loaded.daemon.supervisor import Supervisor
+
+log = logging.getLogger("loaded.control")
+
+PERSIST_DIR = Path("/var/lib/loaded")
+QUERY_TIMEOUT = 5.0
+ADMIN_OF_ACTION = {"drain": "drain", "disable": "disabled", "enable": "enabled"}
+
+
+class Operator:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+
+    # --- the control socket ---------------------------------------------------------
+
+    def handle(self, request: dict[str, Any]) -> Any:
+        cmd, args = request["cmd"], request.get("args", {})
+        if cmd == "status":
+            return self.sup.status()
+        if cmd == "backend":
+            return self.backend(args)
+        if cmd == "clients":
+            return self.clients(args)
+        if cmd == "reload":
+            return self.reload(bool(args.get("dry_run")))
+        raise ProtocolError(f"unknown command {cmd!r}")
+
+    def _deferred(self, query: dict[str, Any],
+                  finish: Callable[[list[dict[str, Any]]], Any]) -> Pending:
+        """Ask every worker; answer the request with ``finish(results)``."""
+        server = self.sup.control
+        pending = Pending(timeout=QUERY_TIMEOUT + 1.0)
+
+        def done(replies: list[dict[str, Any]]) -> None:
+            if server is None:
+                return
+            errors = [r["error"] for r in replies if "error" in r]
+            if errors:
+                server.fail(pending.token, errors[0])
+                return
+            try:
+                server.respond(pending.token, finish([r["result"] for r in replies]))
+            except Exception as e:  # a bad answer must fail the request, not the loop
+                server.fail(pending.token, f"{type(e).__name__}: {e}")
+
+        self.sup.ask(query, done, QUERY_TIMEOUT)
+        return pending
+
+    def backend(self, args: dict[str, Any]) -> Any:
+        sup = self.sup
+        action = str(args["action"])
+        address = str(ipaddress.ip_address(str(args["address"])))
+        vip = resolve_vip(address, sup.vips(), args.get("vip"))
+        weight = args.get("weight")
+        command = pool_command(action, vip, address, weight)
+        key = (vip, address)
+        before = sup.pool_view.get(key)
+        if action != "add" and before is None:
+            raise LookupError(f"{address} is not a backend of {vip}")
+        if action == "add" and before is not None:
+            raise LookupError(f"{address} is a backend of {vip} already")
+        head = {"action": action, "vip": vip, "address": address}
+        if args.get("dry_run"):
+            return self._deferred(
+                {"query": "preview", "command": command},
+                lambda results: dict(head, dry_run=True, command=command,
+                                     **_without(merge_previews(results), "vip", "backend",
+                                                "op")))
+        command = self._apply(command, ADMIN_OF_ACTION.get(action))
+        log.info("event=backend-changed action=%s vip=%s backend=%s command=%s", action, vip,
+                 address, json.dumps(command, sort_keys=True))
+        return dict(head, dry_run=False, command=command, before=before,
+                    after=sup.pool_view.get(key))
+
+    def _apply(self, command: dict[str, object], admin: str | None = None
+               ) -> dict[str, object]:
+        """One change to every worker, with its bookkeeping: an added backend is
+        enabled and health-checked; a removed one leaves gracefully (as IPVS: its
+        connections, on the per-packet path its clients, finish where they are;
+        `disable` first moves them at once) and is no longer checked; a state
+        change records the operator's word ``admin`` and sends the state it adds
+        up to with health. Returns the command sent."""
+        sup = self.sup
+        vip, ip, op = str(command["vip"]), str(command["backend"]), command["op"]
+        key = (vip, ip)
+        if op == "add":
+            sup.admin[key] = "enabled"
+            sup.configured_state[key] = State(str(command.get("state", "up")))
+        elif op == "state":
+            if admin is not None:
+                sup.admin[key] = admin
+            command = sup.effective_command(vip, ip)
+        elif op == "remove":
+            command = dict(command, graceful=True)
+        sup.command(command)
+        if op == "add":
+            sup.watch(vip, ip)
+        elif op == "remove":
+            sup.admin[key] = "removing"
+            sup.unwatch(vip, ip)
+        return command
+
+    def clients(self, args: dict[str, Any]) -> Any:
+        if args["action"] == "lookup":
+            client = str(ipaddress.ip_address(str(args["client"])))
+            return self._deferred({"query": "lookup", "client": client},
+                                  lambda results: _merge_lookups(client, results))
+        limit = int(args.get("limit") or 100)
+        return self._deferred({"query": "clients", "vip": args.get("vip"), "limit": limit},
+                              lambda results: _merge_lists(results, limit))
+
+    def reload(self, dry_run: bool) -> dict[str, Any]:
+        sup = self.sup
+        try:
+            new = load_config(sup.config_path)
+        except ConfigError as e:
+            raise ValueError(f"the config has errors, nothing changed: {e}") from None
+        # The administrative view: what the pools would be without health checks
+        # (a backend that is down only because its checks fail is "up" here, so
+        # a reload never reads as an order to bring it back).
+        running = {v: {ip: (int(b["weight"]), sup.admin_state(v, ip))
+                       for (vv, ip), b in sup.pool_view.items() if vv == v}
+                   for v in sup.vips()}
+        plan = diff_configs(sup.config, new, sup.families, running)
+        result: dict[str, Any] = dict(plan.to_json(), config=sup.config_path,
+                                      dry_run=dry_run, applied=False)
+        if dry_run:
+            return result
+        for change_cmd in plan.commands:
+            if change_cmd["op"] == "state":
+                # The file sets the configured state (and overrides a runtime
+                # drain); health still decides what the workers do.
+                key = (str(change_cmd["vip"]), str(change_cmd["backend"]))
+                sup.configured_state[key] = State(str(change_cmd["state"]))
+                self._apply(change_cmd, "enabled")
+            else:
+                self._apply(change_cmd)
+        sup.config = _live_config(sup.config, new, [c.field for c in plan.settings if c.live])
+        result["applied"] = True
+        log.info("event=reloaded config=%s commands=%d restart_needed=%s", sup.config_path,
+                 len(plan.commands), plan.restart_needed)
+        for s in plan.unapplied:
+            log.warning("event=reload-needs-restart key=%s old=%s new=%s", s.key, s.old, s.new)
+        return result
+
+    # --- saved client tables ----------------------------------------------------------
+
+    def persist_path(self) -> Path:
+        config = self.sup.config
+        if config.persist_file:
+            return Path(config.persist_file)
+        return PERSIST_DIR / f"{self.sup.plan.tag}.clients.json"
+
+    def save_tables(self, replies: list[dict[str, Any]]) -> None:
+        dumps = sorted((r for r in replies if "result" in r), key=lambda r: r["index"])
+        if not dumps:
+            log.warning("event=clients-not-saved reason=no-worker-answered")
+            return
+        data = {"version": 1, "written_at": time.time(),
+                "workers": len(self.sup.children),
+                "indexes": [r["index"] for r in dumps],
+                "dumps": [r["result"] for r in dumps]}
+        path = self.persist_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            tmp.replace(path)
+        except OSError as e:
+            log.warning("event=clients-not-saved path=%s error=%s", path, e)
+            return
+        total = sum(len(v) for r in dumps for v in r["result"].get("services", {}).values())
+        log.info("event=clients-saved path=%s clients=%d", path, total)
+
+    def restore_queries(self) -> dict[int, dict[str, Any]]:
+        """Per worker index, the restore query for its share of the saved tables."""
+        path = self.persist_path()
+        try:
+            data = json.loads(path.read_text())
+            dumps = data["dumps"]
+            indexes = data["indexes"]
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("event=clients-not-restored path=%s error=%s", path, e)
+            return {}
+        finally:
+            # Restored once: a crash later must not bring back a table twice.
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        max_age = self.sup.config.persist_max_age
+        children = self.sup.children
+        if data.get("workers") == len(children) and len(dumps) == len(indexes):
+            # The same workers hash the same clients (HMARK, fixed seed): each
+            # gets back its own share.
+            return {i: {"query": "restore", "data": d, "max_age": max_age}
+                    for i, d in zip(indexes, dumps, strict=True)}
+        log.info("event=clients-restore-shared reason=worker-count-changed was=%s now=%d",
+                 data.get("workers"), len(children))
+        merged = merge_dumps(dumps)
+        return {c.spec.index: {"query": "restore", "data": merged, "max_age": max_age}
+                for c in children}
+
+
+def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def _merge_lookups(client: str, results: list[Any]) -> dict[str, Any]:
+    """A client has an entry in one worker at most (the one its packets hash to)."""
+    by_vip: dict[str, dict[str, Any]] = {}
+    for result in results:
+        for svc in result:
+            seen = by_vip.get(svc["vip"])
+            if seen is None or (seen.get("backend") is None and svc.get("backend")):
+                by_vip[svc["vip"]] = svc
+    return {"client": client, "services": list(by_vip.values())}
+
+
+def _merge_lists(results: list[Any], limit: int) -> dict[str, Any]:
+    by_vip: dict[str, dict[str, Any]] = {}
+    for result in results:
+        for svc in result:
+            agg = by_vip.setdefault(svc["vip"], {"vip": svc["vip"], "total": 0, "clients": []})
+            agg["total"] += svc["total"]
+            agg["clients"].extend(svc["clients"])
+    for agg in by_vip.values():
+        agg["clients"].sort(key=lambda e: e[2])  # most recently seen first
+        del agg["clients"][limit:]
+    return {"services": list(by_vip.values())}
+
+
+def _live_config(old: Config, new: Config, live: list[str]) -> Config:
+    """The config the daemon runs with after a reload: the new backends and live
+    settings, the old everything else (what needs a restart keeps its value)."""
+    changes = {f: getattr(new, f) for f in live}
+    return dataclasses.replace(old, servers4=new.servers4, servers6=new.servers6, **changes)

@@ -1,0 +1,82 @@
+"""The status snapshot, from worker reports, health and kernel counters."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from loaded.core.health import TargetStatus
+from loaded.daemon.control import _merge_lists, _merge_lookups
+from loaded.daemon.status import build_status
+
+VIP = "198.18.1.100"
+
+
+def worker(index: int, b1: tuple[int, int, int, int], b2: tuple[int, int, int, int]
+           ) -> dict[str, Any]:
+    def b(v: tuple[int, int, int, int], mark: int, state: str = "up") -> dict[str, Any]:
+        clients, new, packets, size = v
+        return {"clients": clients, "new_clients": new, "packets": packets, "bytes": size,
+                "state": state, "weight": 2, "mark": mark}
+    return {"index": index, "queue": index, "pid": 100 + index, "packets": 9,
+            "services": {VIP: {"clients": b1[0] + b2[0], "backends": {
+                "198.19.0.11": b(b1, 0x4C420000), "198.19.0.12": b(b2, 0x4C420001)}}}}
+
+
+def build(counters: dict[int, tuple[int, int]] | None = None, **kw: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "daemon": {"pid": 1, "tag": "abc"}, "vips": [(4, VIP)], "strategy": "rr",
+        "datapath": "perpacket" if counters is None else "conntrack",
+        "workers": [worker(0, (1, 2, 10, 100), (3, 3, 30, 300)),
+                    worker(1, (2, 2, 20, 200), (0, 1, 5, 50))],
+        "health": [], "admin": {}, "transitions": {}, "counters": counters,
+        "kernel_queues": {"0": {"waiting": 0}}, "endpoints": {}, "now_mono": 100.0,
+        "now_wall": 1000.0}
+    args.update(kw)
+    return build_status(**args)
+
+
+def test_backends_are_summed_over_workers() -> None:
+    s = build()
+    svc = s["services"][0]
+    assert svc["clients"] == 6 and svc["datapath"] == "perpacket"
+    b1, b2 = svc["backends"]
+    assert (b1["address"], b1["clients"], b1["new_clients"], b1["packets"], b1["bytes"]) == (
+        "198.19.0.11", 3, 4, 30, 300)
+    assert (b2["clients"], b2["packets"]) == (3, 35)
+    assert b1["health"] == "unknown" and b1["admin"] == "enabled" and b1["last_check"] is None
+    assert "services" not in s["workers"][0] and s["daemon"]["datapath"] == "perpacket"
+
+
+def test_conntrack_counters_replace_first_packet_counts() -> None:
+    s = build(counters={0x4C420000: (5000, 7_000_000)})
+    b1, b2 = s["services"][0]["backends"]
+    assert (b1["packets"], b1["bytes"]) == (5000, 7_000_000)
+    assert (b2["packets"], b2["bytes"]) == (0, 0)  # no connection yet
+
+
+def test_health_admin_and_backends_only_the_supervisor_knows() -> None:
+    t = TargetStatus(ipaddress.ip_address(VIP), ipaddress.ip_address("198.19.0.12"), False,
+                     90.0, "connection refused", 0.001, "tcp:80", False, 7, False, 99.0)
+    s = build(health=[t], admin={(VIP, "198.19.0.11"): "drain"},
+              transitions={(VIP, "198.19.0.12"): 3},
+              extra_backends={(VIP, "198.19.0.13"): {"weight": 1, "state": "up",
+                                                      "mark": 0x4C420002}})
+    b1, b2, b3 = s["services"][0]["backends"]
+    assert b1["admin"] == "drain"
+    assert b2["health"] == "down" and b2["transitions"] == 3
+    assert b2["last_check"]["ok"] is False and b2["last_check"]["at"] == 999.0
+    assert b2["last_check"]["detail"] == "connection refused"
+    assert b3["address"] == "198.19.0.13" and b3["clients"] == 0
+
+
+def test_client_answers_of_workers_are_merged() -> None:
+    lists = [[{"vip": VIP, "total": 2, "clients": [["198.18.0.1", "b", 5.0],
+                                                   ["198.18.0.2", "b", 1.0]]}],
+             [{"vip": VIP, "total": 1, "clients": [["198.18.0.3", "c", 3.0]]}]]
+    merged = _merge_lists(lists, limit=2)
+    assert merged == {"services": [{"vip": VIP, "total": 3, "clients": [
+        ["198.18.0.2", "b", 1.0], ["198.18.0.3", "c", 3.0]]}]}
+    lookups = [[{"vip": VIP, "backend": None}], [{"vip": VIP, "backend": "198.19.0.11"}]]
+    assert _merge_lookups("198.18.0.1", lookups)["services"] == [
+        {"vip": VIP, "backend": "198.19.0.11"}]
