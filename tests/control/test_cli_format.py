@@ -318,6 +318,15 @@ def test_clients_lookup() -> None:
 """)  # noqa: E501
     assert format_lookup({"client": "2001:db8::5", "services": []}) == (
         "2001:db8::5: no VIP of its family\n")
+    # the conntrack path: what the kernel's client map says too
+    one = [svc()]
+    assert format_lookup({"client": "198.18.0.7", "services": one, "kernel": {
+        "mark": 0x4C420000, "backend": "198.19.0.11", "expires": 299.0}}).splitlines()[1] == (
+        "198.18.0.7: the kernel sends its new connections to 198.19.0.11, for 4:59 unless "
+        "it comes back")
+    assert format_lookup({"client": "198.18.0.7", "services": one, "kernel": None}
+                         ).splitlines()[1] == (
+        "198.18.0.7: not in the kernel's client map (its next connection goes to a worker)")
 
 
 # --- reload --------------------------------------------------------------------------

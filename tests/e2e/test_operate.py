@@ -189,7 +189,8 @@ def test_reload_dry_run_and_bad_config_change_nothing(lab: Lab, daemon_factory: 
     assert d.stop() == 0, d.log[-3000:]
 
 
-def test_restart_keeps_clients_on_their_backends(lab: Lab, daemon_factory: Any) -> None:
+def test_restart_keeps_clients_on_their_backends(lab: Lab, daemon_factory: Any,
+                                                 datapath: str) -> None:
     d: Daemon = daemon_factory("persist.conf", client_timeout=600)
     d.start()
     clients = lab.clients4[:8] + lab.clients6[:4]
@@ -213,6 +214,14 @@ def test_restart_keeps_clients_on_their_backends(lab: Lab, daemon_factory: Any) 
         backend_named(lab, before[clients[0]]).addr4]
     after = {c: who(lab, c, lab.vip4 if ":" not in c else lab.vip6) for c in clients}
     assert after == before
+    if datapath == "conntrack":  # the kernel's client map has learnt it again
+        deadline = time.monotonic() + 5
+        while (found := d.control("clients", "lookup", clients[0]))["kernel"] is None:
+            assert time.monotonic() < deadline, found
+            time.sleep(0.2)
+        assert found["kernel"]["backend"] == backend_named(lab, before[clients[0]]).addr4
+    else:
+        assert "kernel" not in found
     listing = d.control("clients", "list", "--limit", "3")
     assert {s["vip"]: s["total"] for s in listing["services"]} == {lab.vip4: 8, lab.vip6: 4}
     assert all(len(s["clients"]) <= 3 for s in listing["services"])

@@ -507,6 +507,16 @@ def format_lookup(result: Mapping[str, Any]) -> str:
             if hashed and hashed != backend:
                 text += f" (its hash now gives {hashed})"
         lines.append(head + text)
+    kernel = _get(result, "kernel")
+    if isinstance(kernel, Mapping):
+        expires = _get(kernel, "expires")
+        left = f", for {duration(expires)} unless it comes back" if isinstance(
+            expires, int | float) else ""
+        lines.append(f"{client}: the kernel sends its new connections to "
+                     f"{_get(kernel, 'backend') or hex(int(_get(kernel, 'mark', 0)))}{left}")
+    elif "kernel" in result:
+        lines.append(f"{client}: not in the kernel's client map (its next connection "
+                     f"goes to a worker)")
     return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,11 @@ Rules of the plan:
   =======  =====================  ============================================
   guard    prerouting, -180       to a VIP, conntrack state invalid: count
                                   (counter ``invalid``) and drop
+  recall   prerouting, -170       a new connection to a VIP from a client in
+                                  ``@clients4``/``@clients6`` (client -> mark,
+                                  filled from the workers' decisions, idle
+                                  timeout ``client_timeout``): that mark, and
+                                  the entry's timeout restarts
   steer    prerouting, dstnat     to a VIP with a backend's mark: copy the mark
                                   to the connection, DNAT to ``@backends4`` /
                                   ``@backends6`` (maps mark -> address)
@@ -60,7 +65,11 @@ Rules of the plan:
   =======  =====================  ============================================
 
   guard sits after conntrack (-200) and before mangle (-150), so the queue never
-  sees an invalid packet. Only a connection's first packet passes the NAT
+  sees an invalid packet. A recalled connection already has its backend's mark,
+  which the mangle chain's first rule lets pass unqueued: a client the workers
+  have decided for opens its next connections at the kernel's speed, and
+  sticks to its backend as long as it keeps coming back within
+  ``client_timeout``. Only a connection's first packet passes the NAT
   chain; conntrack carries every later one, the replies, RELATED ICMP errors
   and reassembled fragments. A packet accepted without a backend's mark (no
   backend up, ``no_backend=refuse``) stays addressed to the VIP and the
@@ -140,8 +149,11 @@ class Plan:
     neighbours: tuple[Neighbour, ...] = ()
     chains: tuple[Chain, ...] = field(default=())
     datapath: str = "perpacket"
-    # The conntrack data path's nftables table: JSON API commands that create it.
+    # The conntrack data path's nftables table: JSON API commands that create it,
+    # then the rules the JSON API cannot express (nft 1.0.6 has no JSON form of a
+    # map ``update`` statement), in nft's own syntax, through the same library.
     nft: tuple[dict[str, Any], ...] = ()
+    nft_text: tuple[str, ...] = ()
 
     @property
     def nft_table(self) -> str:
@@ -216,10 +228,11 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
         vips[family] = vip
         # Indexes as the engine's pools give them: config order from 0.
         initial.extend((family, i, s.ip) for i, s in enumerate(specs))
-    nft = nft_ruleset(tag, vips, initial) if conntrack else ()
+    nft = nft_ruleset(tag, vips, initial, config.client_table_max) if conntrack else ()
+    recall = (nft_recall(tag, vips, int(config.client_timeout)) if conntrack else ())
     return Plan(tag, families, queues, cores, tuple(addresses), tuple(routes),
                 tuple(dict.fromkeys(sysctls)), tuple(neighbours), tuple(chains),
-                config.datapath, nft)
+                config.datapath, nft, recall)
 
 
 def nft_table_name(tag: str) -> str:
@@ -248,8 +261,22 @@ def nft_backend(tag: str, version: int, index: int, ip: IPAddress) -> list[dict[
     ]
 
 
+def nft_recall(tag: str, vips: dict[int, IPAddress], timeout: int) -> tuple[str, ...]:
+    """The ``recall`` rules: a new connection from a client the workers have
+    decided for gets that client's backend mark in the kernel, and refreshes it."""
+    out = []
+    for version, vip in sorted(vips.items()):
+        ip = "ip" if version == 4 else "ip6"
+        m = f"@clients{version}"
+        out.append(f"add rule inet {nft_table_name(tag)} recall {ip} daddr {vip} ct state new "
+                   f"{ip} saddr {m} meta mark set {ip} saddr map {m} "
+                   f"update {m} {{ {ip} saddr timeout {timeout}s : meta mark }}")
+    return tuple(out)
+
+
 def nft_ruleset(tag: str, vips: dict[int, IPAddress],
-                backends: list[tuple[int, int, IPAddress]]) -> tuple[dict[str, Any], ...]:
+                backends: list[tuple[int, int, IPAddress]],
+                max_clients: int = 1_000_000) -> tuple[dict[str, Any], ...]:
     """The conntrack path's table (see the module rules), as nftables JSON commands."""
     name = nft_table_name(tag)
     t = {"family": "inet", "table": name}
@@ -262,7 +289,12 @@ def nft_ruleset(tag: str, vips: dict[int, IPAddress],
         {"add": {"map": {**t, "name": "backends6", "type": "mark", "map": "ipv6_addr"}}},
         {"add": {"map": {**t, "name": "counters", "type": "mark", "map": "counter"}}},
     ]
+    for version in (4, 6):
+        cmds.append({"add": {"map": {
+            **t, "name": f"clients{version}", "type": "ipv4_addr" if version == 4 else "ipv6_addr",
+            "map": "mark", "flags": ["timeout"], "size": max_clients}}})
     for chain, kind, hook, prio in (("guard", "filter", "prerouting", -180),
+                                    ("recall", "filter", "prerouting", -170),
                                     ("steer", "nat", "prerouting", -100),
                                     ("tally", "filter", "forward", 0)):
         cmds.append({"add": {"chain": {**t, "name": chain, "type": kind, "hook": hook,
@@ -339,8 +371,11 @@ def _chains(family: int, tag: str, vip: IPAddress, rip: IPNetwork,
         ("-d", ns, "-p", p, "--dport", "53", "-j", "RETURN") for ns, p in dns]
     out_rules.append(_queue_target(queues, fail_open))
     if conntrack:
+        # A client the kernel recalls (its backend's mark is set) is not queued.
+        recalled = ("-m", "mark", "--mark", f"{ct_mark(family, 0):#x}/0xffff8000", "-j", "RETURN")
         chains = [Chain(family, "mangle", "PREROUTING", f"LOADED-IN-{tag}",
-                        ("-d", v, "-m", "conntrack", "--ctstate", "NEW"), tuple(in_rules))]
+                        ("-d", v, "-m", "conntrack", "--ctstate", "NEW"),
+                        (recalled, *in_rules))]
     else:
         chains = [
             Chain(family, "raw", "PREROUTING", f"LOADED-RAW-{tag}", (), tuple(raw_rules)),
@@ -379,4 +414,5 @@ def describe(plan: Plan) -> list[str]:
     if plan.nft:
         lines.append(f"# nftables table inet {plan.nft_table}, JSON API commands:")
         lines.extend(json.dumps(cmd) for cmd in plan.nft)
+        lines.extend(f"nft {cmd}" for cmd in plan.nft_text)
     return lines

@@ -146,10 +146,28 @@ class Operator:
         if args["action"] == "lookup":
             client = str(ipaddress.ip_address(str(args["client"])))
             return self._deferred({"query": "lookup", "client": client},
-                                  lambda results: _merge_lookups(client, results))
+                                  lambda results: self._with_kernel(
+                                      _merge_lookups(client, results)))
         limit = int(args.get("limit") or 100)
         return self._deferred({"query": "clients", "vip": args.get("vip"), "limit": limit},
                               lambda results: _merge_lists(results, limit))
+
+    def _with_kernel(self, found: dict[str, Any]) -> dict[str, Any]:
+        """On the conntrack path, also what the kernel's client map says: it carries
+        the client's new connections once a worker has decided for it."""
+        sup = self.sup
+        if not sup.conntrack:
+            return found
+        ip = ipaddress.ip_address(found["client"])
+        recalled = sup.kernel.recalled(ip)
+        backend = None
+        if recalled is not None:
+            backend = next((addr for (vip, addr) in sup.pool_view
+                            if ipaddress.ip_address(addr).version == ip.version
+                            and sup.mark_of(vip, addr) == recalled[0]), None)
+        found["kernel"] = None if recalled is None else {
+            "mark": recalled[0], "backend": backend, "expires": recalled[1]}
+        return found
 
     def reload(self, dry_run: bool) -> dict[str, Any]:
         sup = self.sup

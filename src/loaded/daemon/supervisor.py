@@ -148,6 +148,7 @@ class Supervisor:
         self._reload_requested = False
         self._started_wall = time.time()
         self._counters: dict[int, tuple[int, int]] = {}
+        self._learned: list[list[Any]] = []  # [client, mark] the workers decided
         self._wake_r, self._wake_w = os.pipe()
         self._started = time.monotonic()
 
@@ -209,6 +210,9 @@ class Supervisor:
                                     default=-1) + 1
         return self.indexes[key]
 
+    def mark_of(self, vip: str, backend: str) -> int:
+        return ct_mark(ipaddress.ip_address(backend).version, self.index_of(vip, backend))
+
     def command(self, command: dict[str, object]) -> None:
         """Send a pool command to every worker (and to every future one)."""
         key = (str(command["vip"]), str(command["backend"]))
@@ -246,18 +250,38 @@ class Supervisor:
             # connections it still carries to this backend. Once more a moment
             # later, for a first packet a worker answered before the command.
             ip = ipaddress.ip_address(key[1])
-            mark = ct_mark(ip.version, self.index_of(*key))
+            mark = self.mark_of(*key)
             self._forget(mark)
             self._forget_again.append((time.monotonic() + FORGET_AGAIN, mark))
 
     def _forget(self, mark: int) -> None:
         try:
+            clients = self.kernel.forget_clients(mark)
             n = self.kernel.forget_connections(mark)
         except Exception as e:  # netlink trouble must not take the supervisor down
             log.warning("event=conntrack-flush-failed mark=%#x error=%r", mark, e)
             return
-        if n:
-            log.info("event=connections-cut mark=%#x count=%d", mark, n)
+        if n or clients:
+            log.info("event=connections-cut mark=%#x connections=%d clients=%d", mark, n,
+                     clients)
+
+    def _remember_clients(self) -> None:
+        """The workers' decisions into the kernel's client maps, except for backends
+        that are down by now (their clients are decided again)."""
+        learned, self._learned = self._learned, []
+        serving = {self.mark_of(vip, ip)
+                   for (vip, ip), b in self.pool_view.items() if b.get("state") != "down"}
+        entries = []
+        for client, mark in learned:
+            if mark in serving:
+                try:
+                    entries.append((ipaddress.ip_address(client), int(mark)))
+                except (ValueError, TypeError):
+                    pass
+        try:
+            self.kernel.remember_clients(entries, int(self.config.client_timeout))
+        except Exception as e:
+            log.warning("event=clients-not-recalled count=%d error=%r", len(entries), e)
 
     # --- the operator's view ---------------------------------------------------
 
@@ -347,9 +371,7 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         health = self.health.status() if self.health is not None else []
-        extra = {k: dict(v, mark=ct_mark(ipaddress.ip_address(k[1]).version,
-                                         self.index_of(*k)))
-                 for k, v in self.pool_view.items()}
+        extra = {k: dict(v, mark=self.mark_of(*k)) for k, v in self.pool_view.items()}
         endpoints: dict[str, str] = {}
         if self.web is not None:
             endpoints = {"status": self.web.url + "/", "metrics": self.web.url + "/metrics"}
@@ -440,6 +462,8 @@ class Supervisor:
                 continue
             if "reply" in msg:
                 self._on_reply(child, msg)
+            elif "learned" in msg:
+                self._learned.extend(msg["learned"])
             else:
                 child.last = msg
                 child.ready = True
@@ -605,6 +629,8 @@ class Supervisor:
         for child in self.children:
             if child.fd >= 0 and child.fd in readable:
                 self._read(child)
+        if self._learned:
+            self._remember_clients()
         if control is not None:
             for fd in readable:
                 if fd in control.read_fds():

@@ -11,6 +11,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ log = logging.getLogger("loaded.worker")
 
 INTERNAL_ERROR = "internal-error"
 REPORT_EVERY = 1.0
+LEARN_EVERY = 0.002  # decisions go to the kernel's client maps within this
+LEARN_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Worker:
         self.refused = 0  # packets refused by the local stack: no backend was up
         self.stopping = False
         self._next_report = 0.0
+        self._learned: list[tuple[str, int]] = []
+        self._next_learned = 0.0
         self.queue: NfQueue | None = None
 
     def on_packet(self, payload: memoryview, partial: bool) -> int:
@@ -81,12 +86,20 @@ class Worker:
         return ACCEPT
 
     def on_first_packet(self, payload: memoryview, partial: bool) -> int:
-        """The conntrack data path: the backend's mark; kernel NAT does the rest."""
+        """The conntrack data path: the backend's mark; kernel NAT does the rest.
+        The decision is also handed to the kernel (through the supervisor), so
+        that the client's next connections need no trip through user space."""
         try:
             b = self.engine.decide(payload, time.monotonic())
         except Exception as e:
             return self._failed(e)
-        return ACCEPT_UNCHANGED if b is None else b.mark
+        if b is None:
+            return ACCEPT_UNCHANGED
+        if payload[0] >> 4 == 4:
+            self._learned.append((socket.inet_ntop(socket.AF_INET, payload[12:16]), b.mark))
+        else:
+            self._learned.append((socket.inet_ntop(socket.AF_INET6, payload[8:24]), b.mark))
+        return b.mark
 
     def _failed(self, e: Exception) -> int:
         if isinstance(e, PacketError):
@@ -106,6 +119,10 @@ class Worker:
 
     def tick(self) -> None:
         now = time.monotonic()
+        if self._learned and (now >= self._next_learned or len(self._learned) >= LEARN_BATCH):
+            self._next_learned = now + LEARN_EVERY
+            learned, self._learned = self._learned, []
+            self._write(json.dumps({"learned": learned}).encode() + b"\n", timeout=1.0)
         if now < self._next_report:
             return
         self._next_report = now + REPORT_EVERY

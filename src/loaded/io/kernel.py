@@ -78,6 +78,12 @@ class Nft:
             raise KernelError(f"nftables: {str(err).strip()} (in {json.dumps(cmds)[:300]})")
         return out
 
+    def text(self, command: str) -> None:
+        """One command in nft's syntax, for what the JSON API cannot express."""
+        rc, _, err = self._nft.cmd(command)
+        if rc != 0:
+            raise KernelError(f"nftables: {str(err).strip()} (in {command[:300]})")
+
     def table_exists(self, family: str, name: str) -> bool:
         rc, _, _ = self._nft.json_cmd({"nftables": [
             {"list": {"table": {"family": family, "name": name}}}]})
@@ -163,6 +169,8 @@ class Kernel:
             # before its mark means something.
             self._record({"kind": "nft-table", "name": self.plan.nft_table})
             self.nft.run(self.plan.nft)
+            for command in self.plan.nft_text:
+                self.nft.text(command)
         for c in self.plan.chains:
             self._chain(c)
         self.unresolved = self.pin_neighbours(self.plan.neighbours)
@@ -173,6 +181,67 @@ class Kernel:
         """Make a backend added at run time a NAT target (the same mark again: no-op)."""
         if self.plan.nft:
             self.nft.run(nft_backend(self.plan.tag, version, index, ip))
+
+    def remember_clients(self, entries: Iterable[tuple[IPAddress, int]], timeout: int) -> None:
+        """Tell the kernel which backend (mark) each client goes to, for its
+        ``recall`` chain. A client already there with another mark is replaced."""
+        if not self.plan.nft:
+            return
+        table = self.plan.nft_table
+        by_family: dict[int, list[list[Any]]] = {4: [], 6: []}
+        for ip, mark in entries:
+            by_family[ip.version].append([{"elem": {"val": str(ip), "timeout": timeout}}, mark])
+        cmds = [{"add": {"element": {"family": "inet", "table": table,
+                                     "name": f"clients{v}", "elem": elems}}}
+                for v, elems in by_family.items() if elems]
+        if not cmds:
+            return
+        try:
+            self.nft.run(cmds)
+        except KernelError:
+            # One transaction failed whole: some client had another mark. One
+            # by one, each replacing what is there.
+            for v, elems in by_family.items():
+                for elem in elems:
+                    one = {"family": "inet", "table": table, "name": f"clients{v}"}
+                    key = elem[0]["elem"]["val"]
+                    try:
+                        self.nft.run([{"delete": {"element": dict(one, elem=[key])}}])
+                    except KernelError:
+                        pass
+                    self.nft.run([{"add": {"element": dict(one, elem=[elem])}}])
+
+    def recalled(self, ip: IPAddress) -> tuple[int, float | None] | None:
+        """The kernel's memory of one client: (mark, seconds until it expires)."""
+        if not self.plan.nft:
+            return None
+        one = {"family": "inet", "table": self.plan.nft_table, "name": f"clients{ip.version}"}
+        # nft 1.0.6 has no JSON "get element": the map is listed (a CLI lookup only).
+        out = self.nft.run([{"list": {"map": one}}])
+        for item in out.get("nftables", []) if isinstance(out, dict) else []:
+            for key, value in item.get("map", {}).get("elem", []) or []:
+                elem = key.get("elem", {}) if isinstance(key, dict) else {"val": key}
+                if ipaddress.ip_address(str(elem.get("val"))) == ip:
+                    expires = elem.get("expires")
+                    return int(value), None if expires is None else float(expires)
+        return None
+
+    def forget_clients(self, mark: int) -> int:
+        """Drop the kernel's memory of the clients of one backend (it went down)."""
+        if not self.plan.nft:
+            return 0
+        version = 6 if mark & 0x8000 else 4
+        name = f"clients{version}"
+        one = {"family": "inet", "table": self.plan.nft_table, "name": name}
+        out = self.nft.run([{"list": {"map": one}}])
+        gone = []
+        for item in out.get("nftables", []) if isinstance(out, dict) else []:
+            for key, value in item.get("map", {}).get("elem", []) or []:
+                if value == mark:
+                    gone.append(key["elem"]["val"] if isinstance(key, dict) else key)
+        if gone:
+            self.nft.run([{"delete": {"element": dict(one, elem=gone)}}])
+        return len(gone)
 
     def backend_counters(self) -> dict[int, tuple[int, int]]:
         """Packets and bytes through each backend (by mark), both directions."""
