@@ -130,6 +130,7 @@ def test_conntrack_path_nft_table() -> None:
               if "chain" in cmd.get("add", {})}
     assert {n: (c["type"], c["hook"], c["prio"]) for n, c in chains.items()} == {
         "guard": ("filter", "prerouting", -180),  # after conntrack (-200), before mangle
+        "recall": ("filter", "prerouting", -170),
         "steer": ("nat", "prerouting", -100),
         "tally": ("filter", "forward", 0)}
     steer = _rules(p, "steer")
@@ -145,6 +146,21 @@ def test_conntrack_path_nft_table() -> None:
         ("backends4", [0x4C420000, "198.19.0.11"]), ("backends4", [0x4C420001, "198.19.0.12"]),
         ("backends6", [0x4C428000, "2001:db8:2::11"])]
     assert "nftables table inet loaded_abc123" in "\n".join(describe(p))
+    maps = {cmd["add"]["map"]["name"]: cmd["add"]["map"] for cmd in p.nft
+            if "map" in cmd.get("add", {})}
+    assert maps["clients4"]["type"] == "ipv4_addr" and maps["clients4"]["map"] == "mark"
+    assert maps["clients6"]["flags"] == ["timeout"] and maps["clients6"]["size"] == 1_000_000
+    # the recall rules, in nft's syntax (the map update has no JSON form)
+    assert p.nft_text == (
+        "add rule inet loaded_abc123 recall ip daddr 198.18.1.100 ct state new ip saddr "
+        "@clients4 meta mark set ip saddr map @clients4 update @clients4 "
+        "{ ip saddr timeout 300s : meta mark }",
+        "add rule inet loaded_abc123 recall ip6 daddr 2001:db8:1::100 ct state new ip6 saddr "
+        "@clients6 meta mark set ip6 saddr map @clients6 update @clients6 "
+        "{ ip6 saddr timeout 300s : meta mark }")
+    # a recalled client's packet is not queued
+    mangle = next(c for c in p.chains if c.table == "mangle" and c.family == 6)
+    assert mangle.rules[0] == ("-m", "mark", "--mark", "0x4c428000/0xffff8000", "-j", "RETURN")
 
 
 def test_per_packet_plan_has_no_nft_table_and_conntrack_is_the_default() -> None:
