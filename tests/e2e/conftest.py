@@ -79,7 +79,9 @@ def daemon_factory(lab: Lab, datapath: str) -> Iterator[Any]:
         assert lab.workdir is not None
         conf = lab.workdir / f"{datapath}-{name}"
         if text is not None:
-            conf.write_text(f"{text.rstrip()}\ndatapath={datapath}\n")
+            # saved client tables beside the config, never in /var/lib/loaded
+            conf.write_text(f"{text.rstrip()}\ndatapath={datapath}\n"
+                            f"persist_file={conf.resolve()}.clients.json\n")
         else:
             overrides.setdefault("datapath", datapath)
             lab.write_config(conf, **overrides)

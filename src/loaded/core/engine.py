@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from loaded.core.checksum import address_delta
 from loaded.core.clients import ClientTable
@@ -446,11 +446,26 @@ def _fix6(buf: Buf, co: int, d: int, proto: int) -> None:
     buf[co + 1] = s & 0xFF
 
 
+def backend_indexes(config: Config, families: Iterable[int]) -> dict[tuple[str, str], int]:
+    """Every configured backend's index in its pool, (VIP, backend) -> index: config
+    order from 0. The one numbering rule that the kernel set-up (the conntrack
+    path's marks), the supervisor and every worker start from."""
+    out: dict[tuple[str, str], int] = {}
+    for family in families:
+        vip = config.vip4 if family == 4 else config.vip6
+        for i, spec in enumerate(config.servers4 if family == 4 else config.servers6):
+            out[(str(vip), str(spec.ip))] = i
+    return out
+
+
 def build_engine(config: Config, now: float, families: Iterable[int] | None = None,
-                 worker: int = 0) -> Engine:
+                 worker: int = 0,
+                 indexes: Mapping[tuple[str, str], int] | None = None) -> Engine:
     """An engine for ``config``: one service per VIP, each with a fresh client table.
 
     ``worker`` staggers cursor strategies so that workers do not all start alike.
+    ``indexes`` numbers the backends (``backend_indexes`` of the config the daemon
+    started from: after a reload, the file's order is not the pools' order).
     """
     services = []
     for family in families if families is not None else config.families():
@@ -466,7 +481,8 @@ def build_engine(config: Config, now: float, families: Iterable[int] | None = No
             raise ValueError(f"no IPv{family} VIP in {config.path}")
         pool = Pool(vip)
         for spec in specs:
-            pool.add(spec.ip, spec.weight, spec.state)
+            pool.add(spec.ip, spec.weight, spec.state,
+                     None if indexes is None else indexes.get((str(vip), str(spec.ip))))
         strategy = make_strategy(config.strategy, pool,
                                  maglev_table_size=config.maglev_table_size)
         strategy.stagger(worker)

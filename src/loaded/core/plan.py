@@ -91,6 +91,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaded.core.config import Config
+from loaded.core.engine import backend_indexes
 from loaded.core.pool import CT_MARK_BASE, ct_mark
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -226,8 +227,8 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
         chains.extend(_chains(family, tag, vip, rip, nameservers, queues, pub, config.fail_open,
                               conntrack))
         vips[family] = vip
-        # Indexes as the engine's pools give them: config order from 0.
-        initial.extend((family, i, s.ip) for i, s in enumerate(specs))
+        indexes = backend_indexes(config, (family,))
+        initial.extend((family, indexes[(str(vip), str(s.ip))], s.ip) for s in specs)
     nft = nft_ruleset(tag, vips, initial, config.client_table_max) if conntrack else ()
     recall = (nft_recall(tag, vips, int(config.client_timeout)) if conntrack else ())
     return Plan(tag, families, queues, cores, tuple(addresses), tuple(routes),

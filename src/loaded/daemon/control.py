@@ -13,6 +13,11 @@ Rules:
 - Questions about clients (lookup, list, dry runs, the tables to save) go to
   every worker, because each worker owns the clients hashed to it; the answers
   are added up.
+- Saved client tables: each worker's own dump goes back to the same worker
+  when the number of workers is unchanged (HMARK hashes a client to the same
+  worker again). Otherwise every worker gets every client: nothing is lost,
+  but client counts are too high until the extra entries expire (finding each
+  client's worker would mean recomputing HMARK's hash here).
 - A reload reads the config file again and applies the backend changes
   (``loaded.core.reload``); settings that need a restart are reported, not
   applied. A config with errors changes nothing.
@@ -101,6 +106,9 @@ class Operator:
             raise LookupError(f"{address} is not a backend of {vip}")
         if action == "add" and before is not None:
             raise LookupError(f"{address} is a backend of {vip} already")
+        if action == "add" and (address in sup.vips() or ipaddress.ip_address(address)
+                                in sup.own_addresses()):
+            raise ValueError(f"{address} is an address of the balancer itself")
         head = {"action": action, "vip": vip, "address": address}
         if args.get("dry_run"):
             return self._deferred(

@@ -8,7 +8,8 @@ operator set, and on the conntrack path the kernel's per-backend counters.
 Rules:
 
 - A backend's clients, new clients, packets and bytes are the sums over the
-  workers (each worker owns a disjoint share of the clients). On the conntrack
+  workers (each worker owns a disjoint share of the clients), plus what workers
+  that died had counted (``retired``), so that counters never go down. On the conntrack
   path the workers see first packets only, so packets and bytes come from the
   kernel's counters of the backend's connections, both directions.
 - State and weight come from the workers' pools (they all apply the same
@@ -34,6 +35,7 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
                  kernel_queues: Mapping[str, Any], endpoints: Mapping[str, str],
                  now_mono: float, now_wall: float,
                  extra_backends: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
+                 retired: Mapping[tuple[str, str], Mapping[str, int]] | None = None,
                  ) -> dict[str, Any]:
     by_target = {(str(t.vip), str(t.ip)): t for t in health}
     services = []
@@ -59,6 +61,10 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
                 merged[ip] = {"address": ip, "weight": extra.get("weight", 1),
                               "state": extra.get("state", "up"), "mark": extra.get("mark"),
                               "clients": 0, "new_clients": 0, "packets": 0, "bytes": 0}
+        for (v, ip), carried in (retired or {}).items():
+            if v == vip and ip in merged:
+                for key in ("packets", "bytes", "new_clients"):
+                    merged[ip][key] += int(carried.get(key, 0))
         backends = []
         for ip, agg in merged.items():
             if counters is not None and agg.get("mark") is not None:

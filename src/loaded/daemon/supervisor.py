@@ -38,7 +38,7 @@ from loaded.control.protocol import socket_path
 from loaded.control.server import ControlServer
 from loaded.control.web import StatusServer
 from loaded.core.config import Config
-from loaded.core.engine import build_engine
+from loaded.core.engine import backend_indexes, build_engine
 from loaded.core.health import (
     Event,
     HealthMonitor,
@@ -48,7 +48,7 @@ from loaded.core.health import (
     pool_command,
 )
 from loaded.core.plan import Neighbour, Plan
-from loaded.core.pool import State, ct_mark
+from loaded.core.pool import MAX_INDEX, State, ct_mark
 from loaded.daemon.control import Operator
 from loaded.daemon.status import build_status
 from loaded.daemon.worker import Worker, WorkerSpec
@@ -117,12 +117,7 @@ class Supervisor:
         # Every backend's index in its pool, the same in every worker: the
         # conntrack path's mark. Config order first, as the engines build them;
         # a backend that leaves and comes back keeps its index.
-        self.indexes: dict[tuple[str, str], int] = {}
-        for family in families:
-            vip = config.vip4 if family == 4 else config.vip6
-            specs = config.servers4 if family == 4 else config.servers6
-            for i, spec in enumerate(specs):
-                self.indexes[(str(vip), str(spec.ip))] = i
+        self.indexes = backend_indexes(config, families)
         self.conntrack = plan.datapath == "conntrack"
         self._forget_again: list[tuple[float, int]] = []
         # What the workers' pools hold, (VIP, backend) -> weight and state, kept
@@ -149,6 +144,7 @@ class Supervisor:
         self._started_wall = time.time()
         self._counters: dict[int, tuple[int, int]] = {}
         self._learned: list[list[Any]] = []  # [client, mark] the workers decided
+        self._retired: dict[tuple[str, str], Counter[str]] = {}
         self._wake_r, self._wake_w = os.pipe()
         self._started = time.monotonic()
 
@@ -157,7 +153,14 @@ class Supervisor:
     def _spawn(self, child: _Child) -> None:
         r, w = os.pipe()
         cr, cw = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            for fd in (r, w, cr, cw):
+                os.close(fd)
+            child.restart_at = time.monotonic() + RESTART_DELAY
+            log.error("event=fork-failed queue=%d error=%s", child.spec.queue, e)
+            return
         if pid == 0:  # the worker
             code = 1
             try:
@@ -165,25 +168,15 @@ class Supervisor:
                 os.close(cw)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
-                for other in self.children:
-                    for fd in (other.fd, other.control):
-                        if fd >= 0:
-                            os.close(fd)
-                # The operator's sockets are the supervisor's alone.
-                inherited = [self.web.fileno()] if self.web is not None else []
-                if self.control is not None:
-                    inherited += self.control.read_fds() + self.control.write_fds()
-                for fd in set(inherited):
-                    if fd >= 0:
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 os.set_blocking(cr, False)
+                # Never block on the supervisor: a report that does not fit waits
+                # (bounded) or, for the kernel's client memory, is dropped.
+                os.set_blocking(w, False)
+                _close_inherited(keep={w, cr})
                 engine = build_engine(self.config, time.monotonic(), self.families,
-                                      worker=child.spec.index)
+                                      worker=child.spec.index, indexes=self.indexes)
                 code = Worker(child.spec, engine, w, cr).run()
             except BaseException:
                 log.exception("event=worker-failed queue=%d", child.spec.queue)
@@ -206,8 +199,10 @@ class Supervisor:
     def index_of(self, vip: str, backend: str) -> int:
         key = (vip, backend)
         if key not in self.indexes:
-            self.indexes[key] = max((i for (v, _), i in self.indexes.items() if v == vip),
-                                    default=-1) + 1
+            index = max((i for (v, _), i in self.indexes.items() if v == vip), default=-1) + 1
+            if index > MAX_INDEX:
+                raise ValueError(f"no free backend index left for {vip}")
+            self.indexes[key] = index
         return self.indexes[key]
 
     def mark_of(self, vip: str, backend: str) -> int:
@@ -221,7 +216,10 @@ class Supervisor:
             command = dict(command, index=self.index_of(*key))
             if self.conntrack:
                 ip = ipaddress.ip_address(key[1])
-                self.kernel.map_backend(ip.version, int(str(command["index"])), ip)
+                try:
+                    self.kernel.map_backend(ip.version, int(str(command["index"])), ip)
+                except KernelError as e:  # the workers may still use it; NAT would not
+                    log.error("event=backend-not-mapped backend=%s error=%s", key[1], e)
         ops = self.desired.setdefault(key, {})
         if op == "remove":
             ops.clear()
@@ -229,6 +227,8 @@ class Supervisor:
             ops.pop("remove", None)
         ops[op] = command
         view = self.pool_view
+        was_empty = not any(b.get("state") != "down" for (v, _), b in view.items()
+                            if v == key[0])
         if op == "remove":
             view.pop(key, None)
         elif op == "add":
@@ -244,33 +244,62 @@ class Supervisor:
         for child in self.children:
             if child.pid:
                 self._send(child, command)
-        if self.conntrack and ((op == "remove" and not command.get("graceful")) or (
-                op == "state" and command.get("state") == "down" and command.get("cut", True))):
+        if not self.conntrack:
+            return
+        if (op == "remove" and not command.get("graceful")) or (
+                op == "state" and command.get("state") == "down" and command.get("cut", True)):
             # The workers choose elsewhere from now on; the kernel must forget the
-            # connections it still carries to this backend. Once more a moment
-            # later, for a first packet a worker answered before the command.
-            ip = ipaddress.ip_address(key[1])
+            # connections it still carries to this backend and its clients. Once
+            # more a moment later, for a first packet a worker answered before it
+            # heard the news.
             mark = self.mark_of(*key)
             self._forget(mark)
             self._forget_again.append((time.monotonic() + FORGET_AGAIN, mark))
+        elif op == "remove":
+            # Leaving gracefully: its connections finish, and its clients stay as
+            # long as the workers' tables keep them; the kernel, which refreshes a
+            # client at each new connection, must not keep sending them there for
+            # ever. (Draining needs nothing: the same rule holds in both.)
+            self._forget(self.mark_of(*key), connections=False)
+        elif was_empty and (op == "add" or (op == "state" and command.get("state") == "up")):
+            self._forget_unbalanced()
 
-    def _forget(self, mark: int) -> None:
+    def _forget(self, mark: int, connections: bool = True) -> None:
+        n = clients = 0
+        if connections:
+            try:
+                n = self.kernel.forget_connections(mark)
+            except Exception as e:  # netlink trouble must not take the supervisor down
+                log.warning("event=conntrack-flush-failed mark=%#x error=%r", mark, e)
         try:
             clients = self.kernel.forget_clients(mark)
-            n = self.kernel.forget_connections(mark)
-        except Exception as e:  # netlink trouble must not take the supervisor down
-            log.warning("event=conntrack-flush-failed mark=%#x error=%r", mark, e)
-            return
+        except Exception as e:
+            log.warning("event=clients-not-forgotten mark=%#x error=%r", mark, e)
         if n or clients:
             log.info("event=connections-cut mark=%#x connections=%d clients=%d", mark, n,
                      clients)
+
+    def _forget_unbalanced(self) -> None:
+        """Connections to a VIP that conntrack took while no backend was up (or the
+        daemon was away, fail-open) are bound to the balancer's own stack; a UDP
+        flow that keeps sending would stay so. Forget them: their next packet is new."""
+        try:
+            n = self.kernel.forget_unbalanced(self.vips())
+        except Exception as e:
+            log.warning("event=conntrack-flush-failed what=unbalanced error=%r", e)
+            return
+        if n:
+            log.info("event=unbalanced-forgotten connections=%d", n)
+
+    def _serving_marks(self) -> set[int]:
+        return {self.mark_of(vip, ip)
+                for (vip, ip), b in self.pool_view.items() if b.get("state") != "down"}
 
     def _remember_clients(self) -> None:
         """The workers' decisions into the kernel's client maps, except for backends
         that are down by now (their clients are decided again)."""
         learned, self._learned = self._learned, []
-        serving = {self.mark_of(vip, ip)
-                   for (vip, ip), b in self.pool_view.items() if b.get("state") != "down"}
+        serving = self._serving_marks()
         entries = []
         for client, mark in learned:
             if mark in serving:
@@ -311,6 +340,12 @@ class Supervisor:
         if admin == "drain":
             return State.DRAINING
         return self.configured_state.get((vip, ip), State.UP)
+
+    def own_addresses(self) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        try:
+            return set(self.kernel.own_addresses())
+        except Exception:
+            return set()
 
     def watch(self, vip: str, ip: str) -> None:
         if self.health is not None:
@@ -389,7 +424,8 @@ class Supervisor:
             counters=self._counters if self.conntrack else None,
             kernel_queues={str(k): v for k, v in read_proc_stats().items()
                            if k in self.plan.queues},
-            endpoints=endpoints, now_mono=now, now_wall=time.time(), extra_backends=extra)
+            endpoints=endpoints, now_mono=now, now_wall=time.time(), extra_backends=extra,
+            retired=self._retired)
 
     def _cached_status(self) -> dict[str, Any]:
         # The HTTP server's threads: the main loop refreshes this once a second.
@@ -418,9 +454,10 @@ class Supervisor:
 
     @staticmethod
     def _send(child: _Child, command: dict[str, object]) -> None:
-        line = json.dumps(command).encode() + b"\n"
+        view = memoryview(json.dumps(command).encode() + b"\n")
         try:
-            os.write(child.control, line)
+            while view:  # a write cut short by a signal must not cut the line
+                view = view[os.write(child.control, view):]
         except OSError as e:  # a dying worker: its replacement replays everything
             log.warning("event=command-lost queue=%d error=%s", child.spec.queue, e)
 
@@ -439,11 +476,21 @@ class Supervisor:
                         self._read(child)
                         os.close(child.fd)
                         child.fd = -1
+                    self._retire(child.last)
+                    child.last = {}
                     if not self.stopping:
                         child.restarts += 1
                         child.restart_at = time.monotonic() + RESTART_DELAY
                         log.warning("event=worker-died queue=%d status=%s restart_in=%.1fs",
                                     child.spec.queue, _status(status), RESTART_DELAY)
+
+    def _retire(self, last: dict[str, Any]) -> None:
+        """Keep a dead worker's totals, so that counters never go down."""
+        for vip, svc in last.get("services", {}).items():
+            for ip, b in svc.get("backends", {}).items():
+                carried = self._retired.setdefault((vip, ip), Counter())
+                for key in ("packets", "bytes", "new_clients"):
+                    carried[key] += int(b.get(key, 0))
 
     def _read(self, child: _Child) -> None:
         try:
@@ -494,6 +541,8 @@ class Supervisor:
             if self.config.persist_clients:
                 self._restore_tables()
             self.kernel.apply_rules()
+            if self.conntrack:
+                self._forget_unbalanced()
             if self.failover:
                 self._start_health()
             log.info("event=started tag=%s families=%s workers=%d failover=%s", self.plan.tag,
@@ -569,6 +618,9 @@ class Supervisor:
                     log.info("event=health-not-applied vip=%s backend=%s up=%s admin=%s",
                              *key, event.up, self.admin[key])
                     continue
+                # What health, the operator and the (possibly reloaded) configured
+                # state add up to, not the state the monitor was built with.
+                command = self.effective_command(*key)
             elif isinstance(event, HostAdded):
                 self.configured_state[key] = State.UP
                 self.health_down[key] = True  # discovered hosts start down
@@ -593,14 +645,16 @@ class Supervisor:
                 self._reload_requested = False
                 try:
                     self.operator.reload(dry_run=False)
-                except ValueError as e:
+                except Exception as e:  # a bad file or a kernel refusal: keep running
                     log.error("event=reload-failed error=%s", str(e).replace("\n", "; "))
             if now >= next_stats:
                 next_stats = now + 1.0
                 self.write_stats()
                 self._status = self.status()
             while self._forget_again and self._forget_again[0][0] <= now:
-                self._forget(self._forget_again.pop(0)[1])
+                mark = self._forget_again.pop(0)[1]
+                if mark not in self._serving_marks():  # not enabled again meanwhile
+                    self._forget(mark)
             if self.kernel.unresolved and now >= next_neigh:
                 next_neigh = now + NEIGHBOUR_RETRY
                 self.kernel.unresolved = self.kernel.pin_neighbours(self.kernel.unresolved,
@@ -716,3 +770,26 @@ def _status(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"signal-{os.WTERMSIG(status)}"
     return f"exit-{os.WEXITSTATUS(status)}"
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """In a new worker: close every descriptor the supervisor had open (netlink,
+    nftables and health-probe sockets, the control and status servers, other
+    workers' pipes) except the worker's own pipes, stdio and the log's."""
+    for handler in logging.getLogger().handlers:
+        for attr in ("socket", "stream"):
+            obj = getattr(handler, attr, None)
+            try:
+                keep.add(obj.fileno())  # type: ignore[union-attr]
+            except (AttributeError, OSError, ValueError):
+                pass
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -29,8 +29,6 @@ log = logging.getLogger("loaded.worker")
 
 INTERNAL_ERROR = "internal-error"
 REPORT_EVERY = 1.0
-LEARN_EVERY = 0.002  # decisions go to the kernel's client maps within this
-LEARN_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ class Worker:
         self.stopping = False
         self._next_report = 0.0
         self._learned: list[tuple[str, int]] = []
-        self._next_learned = 0.0
+        self.learned_dropped = 0
         self.queue: NfQueue | None = None
 
     def on_packet(self, payload: memoryview, partial: bool) -> int:
@@ -119,10 +117,14 @@ class Worker:
 
     def tick(self) -> None:
         now = time.monotonic()
-        if self._learned and (now >= self._next_learned or len(self._learned) >= LEARN_BATCH):
-            self._next_learned = now + LEARN_EVERY
+        if self._learned:
+            # After every burst: the kernel should know a client before its next
+            # connection. Only an optimisation: with the pipe full, it is dropped
+            # and the client's next connection is decided here again.
             learned, self._learned = self._learned, []
-            self._write(json.dumps({"learned": learned}).encode() + b"\n", timeout=1.0)
+            if not self._write(json.dumps({"learned": learned}).encode() + b"\n",
+                               timeout=1.0, droppable=True):
+                self.learned_dropped += len(learned)
         if now < self._next_report:
             return
         self._next_report = now + REPORT_EVERY
@@ -180,9 +182,11 @@ class Worker:
             reply["error"] = str(e) or type(e).__name__
         self._write(json.dumps(reply).encode() + b"\n")
 
-    def _write(self, data: bytes, timeout: float = 10.0) -> None:
-        """All of ``data`` on the report pipe (a reply may be far larger than the
-        pipe's buffer), waiting for the supervisor to read, within ``timeout``."""
+    def _write(self, data: bytes, timeout: float = 10.0, droppable: bool = False) -> bool:
+        """All of ``data`` on the (non-blocking) report pipe: a reply may be far
+        larger than the pipe's buffer, so wait for the supervisor to read, within
+        ``timeout``. ``droppable``: if the pipe is full, give up at once, before a
+        byte of it is written (the stream of lines stays whole)."""
         view = memoryview(data)
         deadline = time.monotonic() + timeout
         while view:
@@ -190,15 +194,18 @@ class Worker:
                 n = os.write(self.report_fd, view)
                 view = view[n:]
             except BlockingIOError:
+                if droppable and len(view) == len(data):
+                    return False
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.warning("event=reply-lost queue=%d bytes=%d", self.spec.queue,
                                 len(view))
-                    return
+                    return False
                 select.select([], [self.report_fd], [], min(left, 0.5))
             except BrokenPipeError:
                 self.stopping = True
-                return
+                return False
+        return True
 
     def snapshot(self) -> dict[str, object]:
         q = self.queue
@@ -215,6 +222,7 @@ class Worker:
             "verdict_errors": {str(k): v for k, v in (q.stats.verdict_errors if q else {}).items()},
             "drops": dict(self.drops),
             "refused": self.refused,
+            "learned_dropped": self.learned_dropped,
             "cpu_seconds": time.process_time(),
             "latency": _latency(q),
             "services": {

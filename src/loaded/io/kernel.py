@@ -240,8 +240,34 @@ class Kernel:
                 if value == mark:
                     gone.append(key["elem"]["val"] if isinstance(key, dict) else key)
         if gone:
-            self.nft.run([{"delete": {"element": dict(one, elem=gone)}}])
+            try:
+                self.nft.run([{"delete": {"element": dict(one, elem=gone)}}])
+            except KernelError:
+                # One that expired since the listing fails the whole transaction.
+                for key in gone:
+                    try:
+                        self.nft.run([{"delete": {"element": dict(one, elem=[key])}}])
+                    except KernelError:
+                        pass
         return len(gone)
+
+    def forget_unbalanced(self, vips: Iterable[str]) -> int:
+        """Delete conntrack entries to a VIP that carry no backend's mark (taken by
+        the balancer's own stack while no backend was up, or with no daemon)."""
+        if self._ct is None:
+            self._ct = Conntrack()
+        wanted = {ipaddress.ip_address(v) for v in vips}
+        n = 0
+        for entry in list(self._ct.dump_entries(mark=0, mark_mask=0xFFFFFFFF)):
+            daddr = getattr(entry.tuple_orig, "daddr", None)
+            if daddr is not None and ipaddress.ip_address(daddr) in wanted:
+                try:
+                    self._ct.delete(entry)
+                    n += 1
+                except NetlinkError as e:
+                    if e.code != errno.ENOENT:
+                        raise
+        return n
 
     def backend_counters(self) -> dict[int, tuple[int, int]]:
         """Packets and bytes through each backend (by mark), both directions."""

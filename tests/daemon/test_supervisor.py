@@ -1,0 +1,176 @@
+"""The supervisor's bookkeeping, without workers or a kernel: indexes and marks,
+the operator's word against health, reloads, and what the conntrack path asks
+the kernel to forget. Workers are absent (pid 0), so commands go nowhere but
+into the supervisor's view, its replay log and the fake kernel."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loaded.core.config import load_config
+from loaded.core.engine import build_engine
+from loaded.core.health import StateChanged
+from loaded.core.plan import make_plan
+from loaded.core.pool import State, ct_mark
+from loaded.daemon.supervisor import Supervisor
+
+VIP = "198.18.1.100"
+BASE = f"""VIP4={VIP}
+RIP4=198.19.0.0/24
+public_NIC=pub0
+private_NIC=priv0
+private_GW=198.19.0.1
+"""
+
+
+class FakeKernel:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.unresolved: list[Any] = []
+
+    def map_backend(self, version: int, index: int, ip: Any) -> None:
+        self.calls.append(("map", index, str(ip)))
+
+    def forget_connections(self, mark: int) -> int:
+        self.calls.append(("connections", mark))
+        return 0
+
+    def forget_clients(self, mark: int) -> int:
+        self.calls.append(("clients", mark))
+        return 0
+
+    def forget_unbalanced(self, vips: list[str]) -> int:
+        self.calls.append(("unbalanced",))
+        return 0
+
+    def remember_clients(self, entries: list[Any], timeout: int) -> None:
+        self.calls.append(("remember", [(str(ip), m) for ip, m in entries]))
+
+    def own_addresses(self) -> list[Any]:
+        return [ipaddress.ip_address("198.19.0.1")]
+
+
+def supervisor(tmp_path: Path, servers: str, datapath: str = "conntrack",
+               extra: str = "") -> Supervisor:
+    conf = tmp_path / "s.conf"
+    conf.write_text(BASE + servers + f"datapath={datapath}\n" + extra)
+    config = load_config(conf)
+    plan = make_plan(config, (4,), "7e57ab", 2)
+    sup = Supervisor(config, (4,), plan, maxlen=16, user=None, journal_dir=tmp_path,
+                     config_path=str(conf))
+    sup.kernel.close()
+    sup.kernel = FakeKernel()  # type: ignore[assignment]
+    return sup
+
+
+def servers(*last: int) -> str:
+    return "".join(f"server4=198.19.0.{n}\n" for n in last)
+
+
+def mark(index: int) -> int:
+    return ct_mark(4, index)
+
+
+def test_indexes_survive_a_reload_that_reorders_the_file(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, servers(11, 12, 13))
+    Path(sup.config_path).write_text(BASE + servers(11, 13, 14) + "datapath=conntrack\n")
+    result = sup.operator.reload(dry_run=False)
+    assert result["applied"] and sorted(c["op"] for c in result["changes"]) == ["add", "remove"]
+    assert sup.indexes[(VIP, "198.19.0.13")] == 2 and sup.indexes[(VIP, "198.19.0.14")] == 3
+    assert ("map", 3, "198.19.0.14") in sup.kernel.calls  # type: ignore[attr-defined]
+    # a worker (re)started now numbers its pool as the kernel's map does
+    engine = build_engine(sup.config, 0.0, (4,), indexes=sup.indexes)
+    pool = engine.services[0].pool
+    assert {str(b.ip): b.index for b in pool} == {
+        "198.19.0.11": 0, "198.19.0.13": 2, "198.19.0.14": 3}
+    # ... and replaying what was sent gives every worker the same pools
+    replay = [c for ops in sup.desired.values() for c in ops.values()]
+    assert {"op": "remove", "vip": VIP, "backend": "198.19.0.12", "graceful": True} in replay
+
+
+def test_operator_outranks_health_and_enable_follows_it(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, servers(11, 12), datapath="perpacket")
+    sup.operator.backend({"action": "drain", "address": "198.19.0.11"})
+    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "draining"
+    ip = ipaddress.ip_address("198.19.0.11")
+    vip = ipaddress.ip_address(VIP)
+    sup._events.put(StateChanged(vip, ip, False, "refused", 1.0))
+    sup._apply_health_events()
+    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "draining"  # not applied
+    assert sup.transitions[(VIP, "198.19.0.11")] == 1
+    result = sup.operator.backend({"action": "enable", "address": "198.19.0.11"})
+    assert result["command"]["state"] == "down"  # health says so
+    sup._events.put(StateChanged(vip, ip, True, "ok", 2.0))
+    sup._apply_health_events()
+    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "up"
+
+
+def test_health_rise_brings_the_reloaded_state_not_the_first_one(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, servers(11, 12), datapath="perpacket")
+    Path(sup.config_path).write_text(BASE + "server4=198.19.0.11 state=drain\n"
+                                     + servers(12) + "datapath=perpacket\n")
+    sup.operator.reload(dry_run=False)
+    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "draining"
+    vip, ip = ipaddress.ip_address(VIP), ipaddress.ip_address("198.19.0.11")
+    sup._events.put(StateChanged(vip, ip, False, "refused", 1.0))
+    sup._events.put(StateChanged(vip, ip, True, "ok", 2.0, pool_state=State.UP))
+    sup._apply_health_events()
+    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "draining"
+
+
+def test_conntrack_path_forgets_what_each_change_calls_for(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, servers(11, 12, 13))
+    calls: list[tuple[Any, ...]] = sup.kernel.calls  # type: ignore[attr-defined]
+    sup.operator.backend({"action": "disable", "address": "198.19.0.11"})
+    assert calls[-2:] == [("connections", mark(0)), ("clients", mark(0))]
+    calls.clear()
+    sup.operator.backend({"action": "drain", "address": "198.19.0.12"})
+    assert calls == []  # existing clients stay, in the kernel as in the workers
+    sup.operator.backend({"action": "remove", "address": "198.19.0.13"})
+    assert calls == [("clients", mark(2))]  # graceful: its connections stay
+    # decisions for a backend that is down or gone by now are not remembered
+    sup._learned = [["198.18.0.7", mark(0)], ["198.18.0.8", mark(1)],
+                    ["198.18.0.9", mark(2)]]
+    sup._remember_clients()
+    assert calls[-1] == ("remember", [("198.18.0.8", mark(1))])
+
+
+def test_delayed_flush_skips_a_backend_enabled_again(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, servers(11, 12))
+    calls: list[tuple[Any, ...]] = sup.kernel.calls  # type: ignore[attr-defined]
+    sup.operator.backend({"action": "disable", "address": "198.19.0.11"})
+    assert len(sup._forget_again) == 1
+    sup.operator.backend({"action": "enable", "address": "198.19.0.11"})
+    assert mark(0) in sup._serving_marks()
+    calls.clear()
+    sup._forget_again[0] = (0.0, sup._forget_again[0][1])
+    while sup._forget_again and sup._forget_again[0][0] <= 1.0:
+        m = sup._forget_again.pop(0)[1]
+        if m not in sup._serving_marks():
+            sup._forget(m)
+    assert calls == []
+
+
+def test_backend_add_refuses_the_balancers_own_addresses(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, servers(11))
+    with pytest.raises(ValueError, match="balancer itself"):
+        sup.operator.backend({"action": "add", "address": "198.19.0.1"})
+    with pytest.raises(LookupError, match="already"):
+        sup.operator.backend({"action": "add", "address": "198.19.0.11"})
+    with pytest.raises(LookupError, match="not a backend"):
+        sup.operator.backend({"action": "weight", "address": "198.19.0.99", "weight": 2})
+
+
+def test_counters_of_a_dead_worker_are_kept(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, servers(11), datapath="perpacket")
+    last = {"services": {VIP: {"clients": 1, "backends": {"198.19.0.11": {
+        "packets": 10, "bytes": 1000, "new_clients": 2, "clients": 1, "state": "up"}}}}}
+    sup._retire(last)
+    sup.children[0].last = {"services": {VIP: {"clients": 0, "backends": {"198.19.0.11": {
+        "packets": 3, "bytes": 300, "new_clients": 1, "clients": 0, "state": "up"}}}}}
+    b = sup.status()["services"][0]["backends"][0]
+    assert (b["packets"], b["bytes"], b["new_clients"], b["clients"]) == (13, 1300, 3, 0)
