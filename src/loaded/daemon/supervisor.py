@@ -320,17 +320,13 @@ class Supervisor:
     def effective_command(self, vip: str, ip: str) -> dict[str, object]:
         """The state command that the operator's word, health and the configured
         state add up to (see ``loaded.daemon.control``)."""
-        key = (vip, ip)
-        admin = self.admin.get(key, "enabled")
-        cut = self.config.on_backend_down == "cut"
+        command: dict[str, object] = {"op": "state", "vip": vip, "backend": ip}
+        admin = self.admin.get((vip, ip), "enabled")
         if admin == "disabled":
-            return {"op": "state", "vip": vip, "backend": ip, "state": "down", "cut": True}
-        if admin == "drain":
-            return {"op": "state", "vip": vip, "backend": ip, "state": "draining"}
-        if self.health_down.get(key):
-            return {"op": "state", "vip": vip, "backend": ip, "state": "down", "cut": cut}
-        state = self.configured_state.get(key, State.UP)
-        return {"op": "state", "vip": vip, "backend": ip, "state": state.value}
+            return dict(command, state="down", cut=True)  # the operator said: now
+        if admin == "enabled" and self.health_down.get((vip, ip)):
+            return dict(command, state="down", cut=self.config.on_backend_down == "cut")
+        return dict(command, state=self.admin_state(vip, ip).value)
 
     def admin_state(self, vip: str, ip: str) -> State:
         """The state without health: the operator's word, else the configured one."""
