@@ -174,3 +174,15 @@ def test_counters_of_a_dead_worker_are_kept(tmp_path: Path) -> None:
         "packets": 3, "bytes": 300, "new_clients": 1, "clients": 0, "state": "up"}}}}}
     b = sup.status()["services"][0]["backends"][0]
     assert (b["packets"], b["bytes"], b["new_clients"], b["clients"]) == (13, 1300, 3, 0)
+
+
+def test_a_configured_drain_still_goes_down_with_its_health(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, "server4=198.19.0.11 state=drain\n" + servers(12),
+                     datapath="perpacket")
+    vip, ip = ipaddress.ip_address(VIP), ipaddress.ip_address("198.19.0.11")
+    sup._events.put(StateChanged(vip, ip, False, "refused", 1.0))
+    sup._apply_health_events()
+    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "down"
+    sup._events.put(StateChanged(vip, ip, True, "ok", 2.0))
+    sup._apply_health_events()
+    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "draining"
