@@ -287,19 +287,11 @@ class Engine:
         svc = (self._vip4 if p.version == 4 else self._vip6).get(p.dst)
         if svc is None:
             return None
-        proto = p.proto
-        if proto == ICMP or proto == ICMPV6:
-            if not p.first:  # conntrack reassembles: only a stray fragment gets here
-                return self._chosen(svc, p.src, len(buf), now)
-            t = p.icmp_type
-            if p.is_icmp_error:
-                raise PacketError(Reason.UNKNOWN_FLOW, "ICMP error about no known connection")
-            if proto == ICMPV6 and t in ICMP6_NDP:
-                return None
-            if t != (ICMP4_ECHO_REQUEST if proto == ICMP else ICMP6_ECHO_REQUEST):
-                raise PacketError(Reason.UNSUPPORTED_ICMP, f"type {t}")
-        elif proto != TCP and proto != UDP:
-            raise PacketError(Reason.UNSUPPORTED_PROTOCOL, f"protocol {proto}")
+        kind = _inbound_kind(p)
+        if kind is _ICMP_ERROR:
+            raise PacketError(Reason.UNKNOWN_FLOW, "ICMP error about no known connection")
+        if kind is _LOCAL:
+            return None
         return self._chosen(svc, p.src, len(buf), now)
 
     @staticmethod
@@ -330,18 +322,11 @@ class Engine:
 
     def _inbound(self, buf: Buf, p: Packet, svc: Service, now: float,
                  partial: bool) -> Backend | None:
-        proto = p.proto
-        if proto == ICMP or proto == ICMPV6:
-            if p.first:
-                t = p.icmp_type
-                if p.is_icmp_error:
-                    return self._inbound_icmp_error(buf, p, svc, now)
-                if proto == ICMPV6 and t in ICMP6_NDP:
-                    return None
-                if t != (ICMP4_ECHO_REQUEST if proto == ICMP else ICMP6_ECHO_REQUEST):
-                    raise PacketError(Reason.UNSUPPORTED_ICMP, f"type {t}")
-        elif proto != TCP and proto != UDP:
-            raise PacketError(Reason.UNSUPPORTED_PROTOCOL, f"protocol {proto}")
+        kind = _inbound_kind(p)
+        if kind is _ICMP_ERROR:
+            return self._inbound_icmp_error(buf, p, svc, now)
+        if kind is _LOCAL:
+            return None
         b = svc.table.backend_for(p.src, now)
         if b is None:
             raise PacketError(Reason.NO_BACKEND, str(svc.vip))
@@ -400,6 +385,28 @@ class Engine:
         b.packets += 1
         b.bytes += len(buf)
         return b
+
+
+_BALANCE, _ICMP_ERROR, _LOCAL = "balance", "icmp-error", "local"
+
+
+def _inbound_kind(p: Packet) -> str:
+    """What a packet to a VIP is: traffic to balance (TCP, UDP, echo request, a
+    later fragment), an ICMP error about a flow, or neighbour discovery for the
+    balancer itself; anything else raises."""
+    proto = p.proto
+    if proto == ICMP or proto == ICMPV6:
+        if p.first:
+            t = p.icmp_type
+            if p.is_icmp_error:
+                return _ICMP_ERROR
+            if proto == ICMPV6 and t in ICMP6_NDP:
+                return _LOCAL
+            if t != (ICMP4_ECHO_REQUEST if proto == ICMP else ICMP6_ECHO_REQUEST):
+                raise PacketError(Reason.UNSUPPORTED_ICMP, f"type {t}")
+    elif proto != TCP and proto != UDP:
+        raise PacketError(Reason.UNSUPPORTED_PROTOCOL, f"protocol {proto}")
+    return _BALANCE
 
 
 def _checked_error(buf: Buf, p: Packet) -> Packet:
