@@ -228,6 +228,23 @@ def test_restart_keeps_clients_on_their_backends(lab: Lab, daemon_factory: Any,
     assert d.stop() == 0, d.log[-3000:]
 
 
+def test_restart_with_another_worker_count_still_keeps_clients(lab: Lab, daemon_factory: Any,
+                                                              datapath: str) -> None:
+    one = daemon_factory("persist1.conf", client_timeout=600, LAST_CORE=0)
+    one.start()
+    assert len(one.stats()["workers"]) == 1
+    clients = lab.clients4[26:32]
+    before = {c: who(lab, c, lab.vip4) for c in clients}
+    assert one.stop() == 0
+    # the same file, now with two workers: every worker gets every saved client
+    lab.write_config(one.conf, client_timeout=600, datapath=datapath)
+    one.start()
+    assert len(one.stats()["workers"]) == min(2, os.cpu_count() or 1)
+    assert "event=clients-restore-shared" in one.log or (os.cpu_count() or 1) == 1
+    assert {c: who(lab, c, lab.vip4) for c in clients} == before
+    assert one.stop() == 0
+
+
 def test_metrics_match_the_traffic_sent(lab: Lab, daemon_factory: Any, datapath: str) -> None:
     d: Daemon = daemon_factory("metrics.conf").start()
     clients = lab.clients4[20:26]
