@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -226,6 +227,33 @@ def test_restart_keeps_clients_on_their_backends(lab: Lab, daemon_factory: Any,
     assert {s["vip"]: s["total"] for s in listing["services"]} == {lab.vip4: 8, lab.vip6: 4}
     assert all(len(s["clients"]) <= 3 for s in listing["services"])
     assert d.stop() == 0, d.log[-3000:]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_an_established_connection_survives_a_restart(lab: Lab, daemon_factory: Any,
+                                                      family: int) -> None:
+    d: Daemon = daemon_factory(f"survive{family}.conf")
+    d.start()
+    client = (lab.clients4 if family == 4 else lab.clients6)[33]
+    vip = lab.vip4 if family == 4 else lab.vip6
+    sock = lab.socket("cl", socket.AF_INET if family == 4 else socket.AF_INET6)
+    try:
+        sock.settimeout(5)
+        sock.bind((client, 0))
+        sock.connect((vip, PORT))  # established; the server waits for a line
+        assert d.stop() == 0
+        d.start()
+        sock.sendall(b"HELLO\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(256)
+            assert chunk, "the connection was closed"
+            reply += chunk
+    finally:
+        sock.close()
+    name, seen = reply.decode().split()
+    assert name in {b.name for b in lab.backends} and seen == client
+    assert d.stop() == 0
 
 
 def test_restart_with_another_worker_count_still_keeps_clients(lab: Lab, daemon_factory: Any,

@@ -137,6 +137,11 @@ def parse(buf: ReadBuf) -> Packet:
     return p
 
 
+def source_address(buf: ReadBuf) -> bytes:
+    """The packed source address of a packet ``parse`` has accepted."""
+    return bytes(buf[12:16]) if buf[0] >> 4 == 4 else bytes(buf[8:24])
+
+
 def _parse_ip4(buf: ReadBuf, n: int, p: Packet) -> None:
     if n < 20:
         raise PacketError(Reason.TRUNCATED_IP, f"{n} bytes")

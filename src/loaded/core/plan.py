@@ -92,7 +92,7 @@ from typing import Any
 
 from loaded.core.config import Config
 from loaded.core.engine import backend_indexes
-from loaded.core.pool import CT_MARK_BASE, ct_mark
+from loaded.core.pool import CT_FAMILY_MASK, CT_MARK_BASE, ct_mark
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -240,14 +240,24 @@ def nft_table_name(tag: str) -> str:
     return f"loaded_{tag}"
 
 
+_COUNTER_PREFIX = "backend_"
+
+
 def counter_name(mark: int) -> str:
-    return f"backend_{mark:08x}"
+    return f"{_COUNTER_PREFIX}{mark:08x}"
+
+
+def counter_mark(name: str) -> int | None:
+    """The mark a per-backend counter is named after (``counter_name``), or None."""
+    if not name.startswith(_COUNTER_PREFIX):
+        return None
+    return int(name[len(_COUNTER_PREFIX):], 16)
 
 
 def _mark_match(key: dict[str, Any], version: int) -> dict[str, Any]:
-    """``key & 0xffff8000 == base``: a backend's mark of one family."""
+    """``key & CT_FAMILY_MASK == base``: a backend's mark of one family."""
     return {"match": {"op": "==", "left": key, "right": {
-        "prefix": {"addr": ct_mark(version, 0), "len": 17}}}}
+        "prefix": {"addr": ct_mark(version, 0), "len": CT_FAMILY_MASK.bit_count()}}}}
 
 
 def nft_backend(tag: str, version: int, index: int, ip: IPAddress) -> list[dict[str, Any]]:
@@ -373,7 +383,8 @@ def _chains(family: int, tag: str, vip: IPAddress, rip: IPNetwork,
     out_rules.append(_queue_target(queues, fail_open))
     if conntrack:
         # A client the kernel recalls (its backend's mark is set) is not queued.
-        recalled = ("-m", "mark", "--mark", f"{ct_mark(family, 0):#x}/0xffff8000", "-j", "RETURN")
+        recalled = ("-m", "mark", "--mark", f"{ct_mark(family, 0):#x}/{CT_FAMILY_MASK:#x}",
+                    "-j", "RETURN")
         chains = [Chain(family, "mangle", "PREROUTING", f"LOADED-IN-{tag}",
                         ("-d", v, "-m", "conntrack", "--ctstate", "NEW"),
                         (recalled, *in_rules))]

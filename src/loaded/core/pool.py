@@ -32,12 +32,18 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # by the packet mark: "LB" in the high half, the family in bit 15 (one conntrack
 # table serves both families), the backend's index below.
 CT_MARK_BASE = 0x4C420000
-CT_MARK_MASK = 0xFFFF0000
+CT_MARK_V6 = 0x8000
+CT_FAMILY_MASK = 0xFFFF8000  # what a backend's marks of one family share
 MAX_INDEX = 0x7FFF
 
 
 def ct_mark(version: int, index: int) -> int:
-    return CT_MARK_BASE | (0x8000 if version == 6 else 0) | index
+    return CT_MARK_BASE | (CT_MARK_V6 if version == 6 else 0) | index
+
+
+def ct_mark_version(mark: int) -> int:
+    """The address family of the backend a mark names."""
+    return 6 if mark & CT_MARK_V6 else 4
 
 MAX_WEIGHT = 65535
 

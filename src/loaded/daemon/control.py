@@ -29,7 +29,6 @@ import dataclasses
 import ipaddress
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +42,7 @@ from loaded.core.persist import merge_dumps
 from loaded.core.pool import State
 from loaded.core.preview import merge_previews
 from loaded.core.reload import diff_configs
+from loaded.io.files import write_atomic
 
 if TYPE_CHECKING:
     from loaded.daemon.supervisor import Supervisor
@@ -231,11 +231,7 @@ class Operator:
         path = self.persist_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-            tmp.replace(path)
+            write_atomic(path, json.dumps(data), mode=0o600)
         except OSError as e:
             log.warning("event=clients-not-saved path=%s error=%s", path, e)
             return

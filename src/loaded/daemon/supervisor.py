@@ -49,9 +49,11 @@ from loaded.core.health import (
 )
 from loaded.core.plan import Neighbour, Plan
 from loaded.core.pool import MAX_INDEX, State, ct_mark
+from loaded.core.reload import running_from_config
 from loaded.daemon.control import Operator
 from loaded.daemon.status import build_status
 from loaded.daemon.worker import Worker, WorkerSpec
+from loaded.io.files import write_atomic
 from loaded.io.kernel import JOURNAL_DIR, Kernel, KernelError
 from loaded.io.nfqueue import read_proc_stats
 from loaded.io.privileges import limit_supervisor
@@ -123,14 +125,12 @@ class Supervisor:
         # What the workers' pools hold, (VIP, backend) -> weight and state, kept
         # from the commands sent; the operator's word; the configured state a
         # healthy, enabled backend has; what health says; its changes.
-        self.pool_view: dict[tuple[str, str], dict[str, Any]] = {}
-        self.configured_state: dict[tuple[str, str], State] = {}
-        for family in families:
-            vip = config.vip4 if family == 4 else config.vip6
-            for spec in config.servers4 if family == 4 else config.servers6:
-                key = (str(vip), str(spec.ip))
-                self.pool_view[key] = {"weight": spec.weight, "state": spec.state.value}
-                self.configured_state[key] = spec.state
+        running = running_from_config(config, families)
+        self.pool_view: dict[tuple[str, str], dict[str, Any]] = {
+            (vip, ip): {"weight": weight, "state": State(state).value}
+            for vip, pool in running.items() for ip, (weight, state) in pool.items()}
+        self.configured_state: dict[tuple[str, str], State] = {
+            key: State(b["state"]) for key, b in self.pool_view.items()}
         self.admin: dict[tuple[str, str], str] = {}
         self.health_down: dict[tuple[str, str], bool] = {}
         self.transitions: Counter[tuple[str, str]] = Counter()
@@ -143,7 +143,8 @@ class Supervisor:
         self._reload_requested = False
         self._started_wall = time.time()
         self._counters: dict[int, tuple[int, int]] = {}
-        self._learned: list[list[Any]] = []  # [client, mark] the workers decided
+        self._invalid = 0
+        self._learned: list[list[Any]] = []  # [packed client (hex), mark] decided
         self._retired: dict[tuple[str, str], Counter[str]] = {}
         self._wake_r, self._wake_w = os.pipe()
         self._started = time.monotonic()
@@ -279,6 +280,13 @@ class Supervisor:
             log.info("event=connections-cut mark=%#x connections=%d clients=%d", mark, n,
                      clients)
 
+    def _forget_due(self, now: float) -> None:
+        """The second forgetting of backends cut a moment ago (see ``command``)."""
+        while self._forget_again and self._forget_again[0][0] <= now:
+            mark = self._forget_again.pop(0)[1]
+            if mark not in self._serving_marks():  # not enabled again meanwhile
+                self._forget(mark)
+
     def _forget_unbalanced(self) -> None:
         """Connections to a VIP that conntrack took while no backend was up (or the
         daemon was away, fail-open) are bound to the balancer's own stack; a UDP
@@ -304,7 +312,7 @@ class Supervisor:
         for client, mark in learned:
             if mark in serving:
                 try:
-                    entries.append((ipaddress.ip_address(client), int(mark)))
+                    entries.append((ipaddress.ip_address(bytes.fromhex(client)), int(mark)))
                 except (ValueError, TypeError):
                     pass
         try:
@@ -346,9 +354,13 @@ class Supervisor:
     def watch(self, vip: str, ip: str) -> None:
         if self.health is not None:
             self.health.watch(ipaddress.ip_address(vip), ipaddress.ip_address(ip))
+        self._pin_later(ipaddress.ip_address(ip))
+
+    def _pin_later(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        """A backend that joined at run time: its neighbour entry is pinned by the
+        main loop's retries."""
         if self.config.private_nic:
-            self.kernel.unresolved.append(Neighbour(self.config.private_nic,
-                                                    ipaddress.ip_address(ip)))
+            self.kernel.unresolved.append(Neighbour(self.config.private_nic, ip))
 
     def unwatch(self, vip: str, ip: str) -> None:
         if self.health is not None:
@@ -624,8 +636,8 @@ class Supervisor:
                 self.admin.pop(key, None)
                 self.health_down.pop(key, None)
             self.command(command)
-            if isinstance(event, HostAdded) and self.config.private_nic:
-                self.kernel.unresolved.append(Neighbour(self.config.private_nic, event.ip))
+            if isinstance(event, HostAdded):
+                self._pin_later(event.ip)
 
     def _loop(self) -> None:
         next_stats = next_neigh = 0.0
@@ -646,11 +658,7 @@ class Supervisor:
             if now >= next_stats:
                 next_stats = now + 1.0
                 self.write_stats()
-                self._status = self.status()
-            while self._forget_again and self._forget_again[0][0] <= now:
-                mark = self._forget_again.pop(0)[1]
-                if mark not in self._serving_marks():  # not enabled again meanwhile
-                    self._forget(mark)
+            self._forget_due(now)
             if self.kernel.unresolved and now >= next_neigh:
                 next_neigh = now + NEIGHBOUR_RETRY
                 self.kernel.unresolved = self.kernel.pin_neighbours(self.kernel.unresolved,
@@ -690,30 +698,31 @@ class Supervisor:
             control.tick()
 
     def write_stats(self) -> None:
+        """The stats file, and the status snapshot the HTTP server's threads read,
+        from one reading of the kernel's counters and queues."""
+        if self.conntrack:
+            try:
+                self._counters, self._invalid = self.kernel.conntrack_counters()
+            except Exception as e:
+                log.warning("event=counters-unreadable error=%r", e)
+        self._status = self.status()
         stats = {
             "tag": self.plan.tag,
             "pid": os.getpid(),
             "uptime": time.monotonic() - self._started,
             "workers": [dict(c.last, restarts=c.restarts, alive=c.pid != 0)
                         for c in self.children],
-            "kernel_queues": {str(k): v for k, v in read_proc_stats().items()
-                              if k in self.plan.queues},
+            "kernel_queues": self._status["kernel_queues"],
             "unresolved_neighbours": [str(n.ip) for n in self.kernel.unresolved],
             "datapath": self.plan.datapath,
         }
         if self.conntrack:
-            try:
-                self._counters = self.kernel.backend_counters()
-                stats["conntrack"] = {
-                    "invalid": self.kernel.invalid_drops(),
-                    "backends": {f"{mark:#x}": list(v) for mark, v in self._counters.items()},
-                }
-            except Exception as e:
-                log.warning("event=counters-unreadable error=%r", e)
-        tmp = self.stats_path.with_suffix(".tmp")
+            stats["conntrack"] = {
+                "invalid": self._invalid,
+                "backends": {f"{mark:#x}": list(v) for mark, v in self._counters.items()},
+            }
         try:
-            tmp.write_text(json.dumps(stats))
-            tmp.replace(self.stats_path)
+            write_atomic(self.stats_path, json.dumps(stats))
         except OSError as e:
             log.warning("event=stats-write-failed error=%s", e)
 

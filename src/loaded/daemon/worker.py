@@ -11,7 +11,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 from loaded.core.checksum import ones_sum
 from loaded.core.engine import Engine
 from loaded.core.errors import PacketError, Reason
+from loaded.core.packet import source_address
 from loaded.core.persist import dump_tables, list_clients, restore_tables
 from loaded.core.preview import lookup_client, preview
 from loaded.io.nfqueue import ACCEPT, ACCEPT_UNCHANGED, DROP, LATENCY_BOUNDS, NfQueue
@@ -70,7 +70,7 @@ class Worker:
         self.refused = 0  # packets refused by the local stack: no backend was up
         self.stopping = False
         self._next_report = 0.0
-        self._learned: list[tuple[str, int]] = []
+        self._learned: list[tuple[str, int]] = []  # (packed client address, hex; mark)
         self.learned_dropped = 0
         self.queue: NfQueue | None = None
 
@@ -93,10 +93,7 @@ class Worker:
             return self._failed(e)
         if b is None:
             return ACCEPT_UNCHANGED
-        if payload[0] >> 4 == 4:
-            self._learned.append((socket.inet_ntop(socket.AF_INET, payload[12:16]), b.mark))
-        else:
-            self._learned.append((socket.inet_ntop(socket.AF_INET6, payload[8:24]), b.mark))
+        self._learned.append((source_address(payload).hex(), b.mark))
         return b.mark
 
     def _failed(self, e: Exception) -> int:
@@ -238,7 +235,8 @@ class Worker:
         }
 
     def report(self) -> None:
-        self._write(json.dumps(self.snapshot()).encode() + b"\n", timeout=1.0)
+        # Droppable: the next report, a second later, says it all again.
+        self._write(json.dumps(self.snapshot()).encode() + b"\n", timeout=1.0, droppable=True)
 
     def warm_up(self) -> None:
         """Run the engine's code paths once so nothing is loaded lazily after chroot."""

@@ -17,6 +17,7 @@ through ctnetlink (pyroute2).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -40,8 +41,11 @@ from loaded.core.plan import (
     Plan,
     Route,
     Sysctl,
+    counter_mark,
     nft_backend,
 )
+from loaded.core.pool import ct_mark_version
+from loaded.io.files import write_atomic
 
 log = logging.getLogger("loaded.kernel")
 
@@ -89,6 +93,28 @@ class Nft:
             {"list": {"table": {"family": family, "name": name}}}]})
         return bool(rc == 0)
 
+    def map_elements(self, table: str, name: str) -> list[tuple[dict[str, Any], Any]]:
+        """The elements of a map of an inet table: (key as {"val", "expires"...}, value)."""
+        out = self.run([{"list": {"map": {"family": "inet", "table": table, "name": name}}}])
+        found = []
+        for item in out.get("nftables", []) if isinstance(out, dict) else []:
+            for key, value in item.get("map", {}).get("elem", []) or []:
+                found.append((key["elem"] if isinstance(key, dict) else {"val": key}, value))
+        return found
+
+    def delete_elements(self, table: str, name: str, keys: list[Any]) -> None:
+        """Delete keys from a set or map; one already gone (expired since it was
+        listed) fails the whole transaction, so then one by one, ignoring those."""
+        where = {"family": "inet", "table": table, "name": name}
+        try:
+            self.run([{"delete": {"element": dict(where, elem=keys)}}])
+        except KernelError:
+            for key in keys:
+                try:
+                    self.run([{"delete": {"element": dict(where, elem=[key])}}])
+                except KernelError:
+                    pass
+
     def counters(self, table: str) -> dict[str, tuple[int, int]]:
         """Named counters of an inet table: name -> (packets, bytes)."""
         out = self.run([{"list": {"counters": {"family": "inet", "table": table}}}])
@@ -118,14 +144,18 @@ class Kernel:
             self._nft = Nft()
         return self._nft
 
+    @property
+    def ct(self) -> Conntrack:
+        if self._ct is None:
+            self._ct = Conntrack()
+        return self._ct
+
     # --- journal -------------------------------------------------------------
 
     def _record(self, step: dict[str, Any]) -> None:
         self.steps.append(step)
         self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.journal_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "steps": self.steps}))
-        tmp.replace(self.journal_path)
+        write_atomic(self.journal_path, json.dumps({"pid": os.getpid(), "steps": self.steps}))
 
     def recover(self) -> int:
         """Undo what a crashed run of this instance left; returns how many steps."""
@@ -199,99 +229,72 @@ class Kernel:
         try:
             self.nft.run(cmds)
         except KernelError:
-            # One transaction failed whole: some client had another mark. One
-            # by one, each replacing what is there.
+            # One transaction failed whole: some client had another mark. Replace.
             for v, elems in by_family.items():
-                for elem in elems:
-                    one = {"family": "inet", "table": table, "name": f"clients{v}"}
-                    key = elem[0]["elem"]["val"]
-                    try:
-                        self.nft.run([{"delete": {"element": dict(one, elem=[key])}}])
-                    except KernelError:
-                        pass
-                    self.nft.run([{"add": {"element": dict(one, elem=[elem])}}])
+                if elems:
+                    self.nft.delete_elements(table, f"clients{v}",
+                                             [elem[0]["elem"]["val"] for elem in elems])
+            self.nft.run(cmds)
 
     def recalled(self, ip: IPAddress) -> tuple[int, float | None] | None:
         """The kernel's memory of one client: (mark, seconds until it expires)."""
         if not self.plan.nft:
             return None
-        one = {"family": "inet", "table": self.plan.nft_table, "name": f"clients{ip.version}"}
         # nft 1.0.6 has no JSON "get element": the map is listed (a CLI lookup only).
-        out = self.nft.run([{"list": {"map": one}}])
-        for item in out.get("nftables", []) if isinstance(out, dict) else []:
-            for key, value in item.get("map", {}).get("elem", []) or []:
-                elem = key.get("elem", {}) if isinstance(key, dict) else {"val": key}
-                if ipaddress.ip_address(str(elem.get("val"))) == ip:
-                    expires = elem.get("expires")
-                    return int(value), None if expires is None else float(expires)
+        for key, value in self.nft.map_elements(self.plan.nft_table, f"clients{ip.version}"):
+            if ipaddress.ip_address(str(key.get("val"))) == ip:
+                expires = key.get("expires")
+                return int(value), None if expires is None else float(expires)
         return None
 
     def forget_clients(self, mark: int) -> int:
         """Drop the kernel's memory of the clients of one backend (it went down)."""
         if not self.plan.nft:
             return 0
-        version = 6 if mark & 0x8000 else 4
-        name = f"clients{version}"
-        one = {"family": "inet", "table": self.plan.nft_table, "name": name}
-        out = self.nft.run([{"list": {"map": one}}])
-        gone = []
-        for item in out.get("nftables", []) if isinstance(out, dict) else []:
-            for key, value in item.get("map", {}).get("elem", []) or []:
-                if value == mark:
-                    gone.append(key["elem"]["val"] if isinstance(key, dict) else key)
+        name = f"clients{ct_mark_version(mark)}"
+        gone = [key["val"] for key, value in self.nft.map_elements(self.plan.nft_table, name)
+                if value == mark]
         if gone:
-            try:
-                self.nft.run([{"delete": {"element": dict(one, elem=gone)}}])
-            except KernelError:
-                # One that expired since the listing fails the whole transaction.
-                for key in gone:
-                    try:
-                        self.nft.run([{"delete": {"element": dict(one, elem=[key])}}])
-                    except KernelError:
-                        pass
+            self.nft.delete_elements(self.plan.nft_table, name, gone)
         return len(gone)
 
     def forget_unbalanced(self, vips: Iterable[str]) -> int:
         """Delete conntrack entries to a VIP that carry no backend's mark (taken by
         the balancer's own stack while no backend was up, or with no daemon)."""
-        if self._ct is None:
-            self._ct = Conntrack()
         wanted = {ipaddress.ip_address(v) for v in vips}
         n = 0
-        for entry in list(self._ct.dump_entries(mark=0, mark_mask=0xFFFFFFFF)):
+        for entry in list(self.ct.dump_entries(mark=0, mark_mask=0xFFFFFFFF)):
             daddr = getattr(entry.tuple_orig, "daddr", None)
             if daddr is not None and ipaddress.ip_address(daddr) in wanted:
                 try:
-                    self._ct.delete(entry)
+                    self.ct.delete(entry)
                     n += 1
                 except NetlinkError as e:
                     if e.code != errno.ENOENT:
                         raise
         return n
 
-    def backend_counters(self) -> dict[int, tuple[int, int]]:
-        """Packets and bytes through each backend (by mark), both directions."""
+    def conntrack_counters(self) -> tuple[dict[int, tuple[int, int]], int]:
+        """Packets and bytes through each backend (by mark, both directions), and
+        the packets dropped as invalid: the table's counters, read at once."""
         if not self.plan.nft:
-            return {}
-        out: dict[int, tuple[int, int]] = {}
+            return {}, 0
+        backends: dict[int, tuple[int, int]] = {}
+        invalid = 0
         for name, value in self.nft.counters(self.plan.nft_table).items():
-            if name.startswith("backend_"):
-                out[int(name[8:], 16)] = value
-        return out
-
-    def invalid_drops(self) -> int:
-        if not self.plan.nft:
-            return 0
-        return self.nft.counters(self.plan.nft_table).get("invalid", (0, 0))[0]
+            mark = counter_mark(name)
+            if mark is not None:
+                backends[mark] = value
+            elif name == "invalid":
+                invalid = value[0]
+        return backends, invalid
 
     def forget_connections(self, mark: int) -> int:
         """Delete the conntrack entries of one backend (by connection mark): their
         next packet is NEW again and goes to the worker. Returns how many there were."""
-        if self._ct is None:
-            self._ct = Conntrack()
-        count = sum(1 for _ in self._ct.dump(mark=mark, mark_mask=0xFFFFFFFF))
+        count = sum(1 for _ in self.ct.dump(mark=mark, mark_mask=0xFFFFFFFF))
         if count:
-            self._ct.flush(mark=mark, mark_mask=0xFFFFFFFF)
+            self.ct.flush(mark=mark, mark_mask=0xFFFFFFFF)
         return count
 
     def _sysctl(self, s: Sysctl) -> None:
@@ -338,7 +341,7 @@ class Kernel:
         fam, t = c.family, c.table
         # iptables-nft creates a whole table on first use; if it was not there
         # before, it goes again on exit, or "nothing else changed" would not hold.
-        new_table = _table_exists(fam, t) is False
+        new_table = _iptables_nft() and not self.nft.table_exists(_nft_family(fam), t)
         _iptables(fam, "-t", t, "-N", c.name)
         self._record({"kind": "chain", "family": fam, "table": t, "hook": c.hook,
                       "name": c.name, "jump": list(c.jump_match), "new_table": new_table})
@@ -436,7 +439,7 @@ class Kernel:
             self._remove_chain(step["family"], step["table"], step["hook"], step["name"],
                                step["jump"])
             if step.get("new_table"):
-                _drop_table_if_empty(step["family"], step["table"])
+                _drop_table_if_empty(self.nft, step["family"], step["table"])
 
     @staticmethod
     def _remove_chain(family: int, table: str, hook: str, name: str, jump: list[str]) -> None:
@@ -464,27 +467,25 @@ def _nft_family(family: int) -> str:
     return "ip" if family == 4 else "ip6"
 
 
-def _table_exists(family: int, table: str) -> bool | None:
-    """Whether an iptables-nft table exists; None when that cannot be known
-    (iptables-legacy, whose tables always exist, or no nft tool)."""
-    tool = "iptables" if family == 4 else "ip6tables"
+@functools.cache
+def _iptables_nft() -> bool:
+    """Whether iptables is the nf_tables variant (whose tables appear on first use
+    and so are ours to remove), not legacy (whose tables always exist)."""
     try:
-        version = subprocess.run([tool, "-V"], capture_output=True, text=True,
+        version = subprocess.run(["iptables", "-V"], capture_output=True, text=True,
                                  check=False).stdout
-        if "nf_tables" not in version:
-            return None
-        proc = subprocess.run(["nft", "list", "table", _nft_family(family), table],
-                              capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        return None
-    return proc.returncode == 0
+        return False
+    return "nf_tables" in version
 
 
-def _drop_table_if_empty(family: int, table: str) -> None:
+def _drop_table_if_empty(nft: Nft, family: int, table: str) -> None:
     listing = _iptables(family, "-t", table, "-S", check=False).stdout.splitlines()
     if all(line.startswith("-P ") for line in listing if line.strip()):
-        subprocess.run(["nft", "delete", "table", _nft_family(family), table],
-                       capture_output=True, check=False)
+        try:
+            nft.run([{"delete": {"table": {"family": _nft_family(family), "name": table}}}])
+        except KernelError:
+            pass
 
 
 def _poke(ip: str) -> None:
