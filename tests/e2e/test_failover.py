@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,53 +18,11 @@ import pytest
 from loaded.lab import traffic
 from loaded.lab.topology import Lab
 from tests.e2e.conftest import PORT, Daemon
+from tests.e2e.load import Load
 
 INTERVAL, RISE, FALL = 1.0, 2, 3
 HEALTH = {"failover": True, "check_interval": INTERVAL, "rise": RISE, "fall": FALL,
           "check_timeout": 0.5, "check_cycle": 1}
-
-
-@dataclass
-class Attempt:
-    t: float
-    client: str
-    backend: str | None  # None: the connection failed
-    error: str = ""
-
-
-class Load:
-    """New TCP connections from several clients, one after another, bounded in time."""
-
-    def __init__(self, lab: Lab, vip: str, clients: list[str], limit: float = 30.0) -> None:
-        self.lab, self.vip, self.clients, self.limit = lab, vip, clients, limit
-        self.attempts: list[Attempt] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        end = time.monotonic() + self.limit
-        i = 0
-        while not self._stop.is_set() and time.monotonic() < end:
-            c = self.clients[i % len(self.clients)]
-            i += 1
-            t = time.monotonic()
-            try:
-                line = traffic.tcp_request(c, self.vip, PORT, timeout=1.0, ns=self.lab.ns("cl"))
-                self.attempts.append(Attempt(t, c, line.split()[0]))
-            except OSError as e:
-                self.attempts.append(Attempt(t, c, None, type(e).__name__))
-            time.sleep(0.02)
-
-    def since(self, t: float) -> list[Attempt]:
-        return [a for a in self.attempts if a.t >= t]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +58,7 @@ def test_dead_backend_leaves_and_returns_under_load(lab: Lab, servers: dict[str,
     clients = lab.clients4 if family == 4 else lab.clients6
     old, new = clients[:6], clients[6:]
     d: Daemon = daemon_factory(f"failover{family}.conf", **HEALTH).start()
-    with Load(lab, vip, old) as load:
+    with Load(lab, vip, old, PORT) as load:
         time.sleep(1.5)
         assert {a.backend for a in load.attempts} == {"b1", "b2", "b3"}
         t_dead = _kill(servers["b1"])
@@ -122,7 +78,7 @@ def test_dead_backend_leaves_and_returns_under_load(lab: Lab, servers: dict[str,
     # Clients stick to their backends: the ones that prove b1 is back are new ones,
     # arriving once it must be up again.
     time.sleep(max(0.0, t_up + RISE * INTERVAL + 1 - time.monotonic()))
-    with Load(lab, vip, new) as load2:
+    with Load(lab, vip, new, PORT) as load2:
         time.sleep(2)
     assert any(a.backend == "b1" for a in load2.attempts)
     assert not [a for a in load2.attempts if a.backend is None]

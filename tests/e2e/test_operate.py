@@ -16,11 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loaded.lab import traffic
 from loaded.lab.topology import Lab
 from tests.e2e.conftest import PORT, Daemon
+from tests.e2e.load import Load
 
 STEADY = 6  # clients of the load
 ARTIFACTS = Path(os.environ.get("LOADED_ARTIFACTS", "artifacts"))
@@ -48,49 +47,9 @@ def who(lab: Lab, client: str, vip: str) -> str:
     return traffic.tcp_request(client, vip, PORT, timeout=5, ns=lab.ns("cl")).split()[0]
 
 
-@dataclass
-class SteadyLoad:
-    """New connections from ``clients`` in turn until stopped (at most ``limit`` s
-    and ``max_requests``); records who served each, and every failure."""
-
-    lab: Lab
-    vip: str
-    clients: list[str]
-    limit: float = 120.0
-    max_requests: int = 20000
-    served: list[tuple[float, str, str]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> SteadyLoad:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
-
-    def _run(self) -> None:
-        end = time.monotonic() + self.limit
-        i = 0
-        while not self._stop.is_set() and time.monotonic() < end and i < self.max_requests:
-            c = self.clients[i % len(self.clients)]
-            i += 1
-            try:
-                self.served.append((time.monotonic(), c, who(self.lab, c, self.vip)))
-            except (OSError, ValueError, IndexError) as e:
-                self.failures.append(f"{c}: {type(e).__name__}: {e}")
-            time.sleep(0.005)
-
-    def backends_since(self, t: float) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {}
-        for when, c, name in self.served:
-            if when >= t:
-                out.setdefault(c, set()).add(name)
-        return out
+def steady_load(lab: Lab, vip: str, clients: list[str], limit: float = 120.0) -> Load:
+    """New connections from ``clients`` in turn, as fast as they are answered."""
+    return Load(lab, vip, clients, PORT, limit=limit, period=0.005, timeout=5.0)
 
 
 def backend_named(lab: Lab, name: str) -> Any:
@@ -112,7 +71,7 @@ def test_live_changes_under_load_fail_no_connection(lab: Lab, daemon_factory: An
     vip = lab.vip4
     b1, b2, b3 = (backend_named(lab, n) for n in ("b1", "b2", "b3"))
     fresh = iter(lab.clients4[STEADY:])
-    with SteadyLoad(lab, vip, lab.clients4[:STEADY]) as load:
+    with steady_load(lab, vip, lab.clients4[:STEADY]) as load:
         time.sleep(1.0)
         status = d.control("status")
         assert service(status, vip)["clients"] >= STEADY
@@ -168,7 +127,7 @@ def test_live_changes_under_load_fail_no_connection(lab: Lab, daemon_factory: An
         time.sleep(1.0)
         assert d.worker_pids() == pids  # no worker restarted
     assert load.failures == [], load.failures[:5]
-    assert len(load.served) > 200
+    assert len(load.attempts) > 200
     lab.remove_backend(b4.name)
     assert d.stop() == 0, d.log[-3000:]
     assert d.problems() == []
@@ -347,7 +306,7 @@ def test_status_page_in_a_real_browser(lab: Lab, daemon_factory: Any, tmp_path: 
     script = tmp_path / "browse.py"
     script.write_text(BROWSER_SCRIPT)
     shot = tmp_path / "status-page.png"
-    with SteadyLoad(lab, lab.vip4, lab.clients4[:STEADY], limit=30):
+    with steady_load(lab, lab.vip4, lab.clients4[:STEADY], limit=30):
         time.sleep(2)  # some history for the chart
         proc = lab.run("lb", [sys.executable, str(script), url, str(shot)], timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
