@@ -58,6 +58,49 @@ def test_bad_lines(line: bytes, message: str) -> None:
         decode_request(line)
 
 
+@pytest.mark.parametrize("line", [
+    b"[" * 60000,
+    b"{" * 60000,
+    b'{"a":' * 30000,
+    b"[" * 5000 + b"]" * 5000,  # well-formed, but deeper than any request
+    b'{"cmd": "status", "args": ' + b'{"a": ' * 40000,
+    b"[" * 100 + b"\xff",
+])
+def test_deep_nesting_is_a_protocol_error(line: bytes) -> None:
+    # json's recursion raises RecursionError, not ValueError: it must not escape.
+    with pytest.raises(ProtocolError):
+        decode_request(line)
+
+
+def test_brackets_in_strings_do_not_count_as_nesting() -> None:
+    line = json.dumps({"cmd": "[" * 5000, "args": {"x": "{" * 5000 + '\\"['}}).encode()
+    assert decode_request(line)["cmd"] == "[" * 5000
+
+
+_JSONISH = st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b":", b",", b"1", b" ",
+                            b'"cmd"', b'"args"', b'"status"', b"null", b"\xff", b"\x00"])
+
+
+@given(st.one_of(
+    st.binary(max_size=512),
+    st.lists(_JSONISH, max_size=400).map(b"".join),
+    st.tuples(st.integers(0, 20000), st.sampled_from([b"[", b"{", b'{"a":', b'[{"a":'])
+              ).map(lambda t: t[1] * t[0]),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                 lambda inner: st.lists(inner, max_size=3)
+                 | st.dictionaries(st.sampled_from(["cmd", "args", "x"]), inner, max_size=3),
+                 max_leaves=30).map(lambda v: json.dumps(v).encode()),
+))
+def test_decoding_a_line_parses_or_is_the_protocol_error(line: bytes) -> None:
+    # The invariant the server relies on: a request, or ProtocolError; nothing else.
+    try:
+        req = decode_request(line)
+    except ProtocolError:
+        return
+    assert set(req) == {"cmd", "args"}
+    assert isinstance(req["cmd"], str) and isinstance(req["args"], dict)
+
+
 def test_responses() -> None:
     assert ok({"a": 1}) == {"ok": True, "result": {"a": 1}}
     assert error("two\nlines  here") == {"ok": False, "error": "two lines here"}

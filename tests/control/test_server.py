@@ -198,6 +198,39 @@ def test_garbage_gets_an_error_and_the_connection_stays(sockdir: str, garbage: b
         s.close()
 
 
+def test_deep_nesting_gets_an_error_and_one_log_line(sockdir: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    path = os.path.join(sockdir, "deep.sock")
+    with ControlServer(path, echo) as server, caplog.at_level("DEBUG", "loaded.control"):
+        s = connect(path)
+        s.send(b"[" * 60000 + b'\n{"cmd": "status"}\n')
+        bad, good = read_lines(server, s, 2)
+        assert bad["ok"] is False and "nested" in bad["error"]
+        assert good["ok"] is True
+        s.close()
+    # Garbage is the peer's problem: no traceback in the daemon's log.
+    assert all(r.exc_info is None for r in caplog.records)
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
+def test_any_decoder_failure_is_an_answer(sockdir: str, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    import loaded.control.server as server_module
+
+    def broken(line: bytes) -> dict[str, Any]:
+        raise RuntimeError("a bug\nover lines")
+
+    monkeypatch.setattr(server_module, "decode_request", broken)
+    path = os.path.join(sockdir, "bug.sock")
+    with ControlServer(path, echo) as server, caplog.at_level("DEBUG", "loaded.control"):
+        s = connect(path)
+        s.send(b'{"cmd": "status"}\n{"cmd": "status"}\n')
+        assert read_lines(server, s, 2) == [{"ok": False, "error": "malformed request"}] * 2
+        s.close()
+    assert [r.exc_info for r in caplog.records] == [None, None]
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
 def test_oversized_request_is_refused_and_closed(sockdir: str) -> None:
     path = os.path.join(sockdir, "o.sock")
     with ControlServer(path, echo, max_request=1024) as server:
@@ -521,6 +554,36 @@ def test_client_error_answer(sockdir: str) -> None:
     with ControlServer(path, echo) as server:
         [exc] = in_thread(server, [lambda: request(path, "bogus", timeout=5)])
         assert isinstance(exc, CommandFailed) and "unknown command 'bogus'" in str(exc)
+
+
+def test_client_shows_the_full_servers_answer(sockdir: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server answers "too many" and closes before reading: the client's send
+    # fails (EPIPE) but the answer is in its buffer, and that is what it must show.
+    import loaded.control.server as server_module
+    from loaded.control.server import MAX_CLIENTS
+
+    path = os.path.join(sockdir, "full.sock")
+    with ControlServer(path, echo) as server:
+        idle = [connect(path) for _ in range(MAX_CLIENTS)]
+        pump(server, lambda: server.connections == MAX_CLIENTS)
+        encode = server_module.encode_request
+
+        def late(cmd: str, args: Any = None) -> bytes:
+            for _ in range(5):  # the server accepts, answers and closes first
+                server.poll(0.01)
+            return encode(cmd, args)
+
+        monkeypatch.setattr(server_module, "encode_request", late)
+        with pytest.raises(CommandFailed, match="too many control connections"):
+            request(path, "status", timeout=5)
+        monkeypatch.undo()
+        # and in whatever order things happen with the server in its own loop
+        results = in_thread(server, [lambda: request(path, "status", timeout=5)] * 8)
+        assert all(isinstance(r, CommandFailed) and "too many control connections" in str(r)
+                   for r in results), results
+        for s in idle:
+            s.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")

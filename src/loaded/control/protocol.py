@@ -14,8 +14,11 @@ requests (the next waits for the answer to the one before). UTF-8 JSON::
                {"ok": false, "error": "<one line for a human>"}\\n
 
 A request line longer than ``MAX_REQUEST`` (64 KiB) gets an error response
-and the connection is closed. A line that is not JSON, not an object, or has
-no string ``cmd`` gets an error response; the connection stays usable.
+and the connection is closed. A line that is not UTF-8 JSON, not an object, nested deeper than
+``MAX_DEPTH`` (16) arrays and objects, or has no string ``cmd`` gets an error
+response; the connection stays usable. Whatever the line, decoding it gives a
+request or ``ProtocolError``, never another exception (json's parser recurses:
+deep nesting would raise ``RecursionError`` in the supervisor).
 Unknown commands and unknown or bad arguments are errors too: ``args`` are
 checked strictly (``validate_request``) so that a typo is never ignored.
 A request the daemon cannot answer within its timeout (10 s unless the
@@ -124,6 +127,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -133,6 +137,7 @@ __all__ = [
     "CLIENT_ACTIONS",
     "COMMANDS",
     "DEFAULT_LIMIT",
+    "MAX_DEPTH",
     "MAX_REQUEST",
     "SOCKET_DIR",
     "CommandFailed",
@@ -152,6 +157,7 @@ __all__ = [
 ]
 
 MAX_REQUEST = 64 * 1024
+MAX_DEPTH = 16  # a request is two levels deep; room for future args, far from recursion
 SOCKET_DIR = Path("/run/loaded")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1_000_000
@@ -193,14 +199,42 @@ def encode_request(cmd: str, args: Mapping[str, Any] | None = None) -> bytes:
                       separators=(",", ":")).encode() + b"\n"
 
 
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``text`` opens more than ``limit`` arrays/objects at once (brackets
+    inside strings do not count). Malformed text may be miscounted: json rejects it."""
+    if text.count("[") + text.count("{") <= limit:  # every real request: no scan
+        return False
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
 def decode_request(line: bytes) -> dict[str, Any]:
-    """``{"cmd": str, "args": dict}`` from one line (without its newline)."""
+    """``{"cmd": str, "args": dict}`` from one line (without its newline); any other
+    line raises ``ProtocolError``, and nothing else is raised."""
     try:
-        obj = json.loads(line)
+        # Strict UTF-8, as the protocol says: json.loads would guess UTF-16/32 too.
+        text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ProtocolError("request is not UTF-8") from e
+    if _too_deep(text):
+        raise ProtocolError(f"request is nested deeper than {MAX_DEPTH} levels")
+    try:
+        obj = json.loads(text)
     except ValueError as e:
         raise ProtocolError(f"request is not JSON: {e}") from e
+    except RecursionError as e:  # the depth check above should make this unreachable
+        raise ProtocolError("request is nested too deeply") from e
     if not isinstance(obj, dict):
         raise ProtocolError("request must be a JSON object")
     cmd = obj.get("cmd")
@@ -235,7 +269,7 @@ def decode_response(line: bytes) -> Any:
     ``ControlError`` for one that is not a response at all."""
     try:
         obj = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ControlError(f"the daemon's answer is not JSON: {e}") from e
     if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
         raise ControlError("the daemon's answer is not a response")

@@ -384,6 +384,10 @@ class ControlServer:
         except ProtocolError as e:
             self._send(conn, error(str(e)))
             return
+        except Exception as e:  # a decoder bug: the peer still gets its one answer
+            log.warning("event=control-bad-request error=%.200r", e)
+            self._send(conn, error("malformed request"))
+            return
         req["peer"] = dict(conn.peer)
         response = self._call(lambda: self.handler(req))
         if isinstance(response, Pending):
@@ -495,7 +499,9 @@ def request(path: str, cmd: str, args: Mapping[str, Any] | None = None,
 
     ``CommandFailed`` when the daemon answers with an error, ``ControlError`` with
     a plain explanation when it cannot be asked (no socket, no permission,
-    nobody listening, no answer in ``timeout`` seconds).
+    nobody listening, no answer in ``timeout`` seconds). An answer the daemon
+    sent before closing counts even when sending the request failed: a daemon
+    with too many connections says so and closes without reading.
     """
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -517,8 +523,17 @@ def request(path: str, cmd: str, args: Mapping[str, Any] | None = None,
                                f"(timed out after {timeout:g}s)") from None
         except OSError as e:
             raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
+        sent: OSError | None = None
         try:
             sock.sendall(encode_request(cmd, args))
+        except TimeoutError:
+            raise ControlError(f"no answer from the daemon within {timeout:g}s") from None
+        except OSError as e:
+            # A daemon that refuses the connection (too many of them) answers and
+            # closes before it reads: that answer is what the user must see, and it
+            # is still waiting in our buffer.
+            sent = e
+        try:
             buf = bytearray()
             while True:
                 end = buf.find(b"\n")
@@ -532,12 +547,15 @@ def request(path: str, cmd: str, args: Mapping[str, Any] | None = None,
                 if not data:
                     if buf:
                         return decode_response(bytes(buf))
+                    if sent is not None:
+                        raise sent
                     raise ControlError("the daemon closed the connection without answering")
                 buf += data
         except TimeoutError:
             raise ControlError(f"no answer from the daemon within {timeout:g}s") from None
         except OSError as e:
-            raise ControlError(f"lost the connection to the daemon: {e.strerror or e}"
-                               ) from None
+            cause = sent or e  # the send's error says more than the read's after it
+            raise ControlError(f"lost the connection to the daemon: "
+                               f"{cause.strerror or cause}") from None
     finally:
         sock.close()
