@@ -138,10 +138,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             for problem in e.problems:
                 print(problem, file=sys.stderr)
             return EXIT_CONFIG
+    if not paths_ok(config, path):
+        return EXIT_CONFIG
     if args.check:
         print(f"{path}: ok ({', '.join(f'IPv{f}' for f in config.families())})")
         return 0
     return run_daemon(args, config, path)
+
+
+def paths_ok(config: Config, path: str) -> bool:
+    """The files the daemon would delete, overwrite or bind are absent or its own;
+    problems printed to stderr."""
+    from loaded.control.protocol import socket_path
+    from loaded.core.plan import instance_tag
+    from loaded.daemon.control import persist_path
+    from loaded.io.preflight import check_paths
+
+    tag = instance_tag(os.path.abspath(path))
+    problems = check_paths(config, persist_path(config, tag),
+                           Path(config.control_socket or socket_path(tag)))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{path}: {len(problems)} error(s)", file=sys.stderr)
+    return not problems
 
 
 def run_daemon(args: argparse.Namespace, config: Config, path: str) -> int:

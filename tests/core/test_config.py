@@ -1011,3 +1011,61 @@ def test_operating_keys(line: str, field: str, value: object) -> None:
 def test_operating_keys_refused_with_line_and_reason(line: str, reason: str) -> None:
     p = only_error(V4 + line + "\n")
     assert p.line == V4.count("\n") + 1 and reason in p.message
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("persist_file=/proc/self/mem", "under /proc, a kernel interface"),
+    ("persist_file=/sys/kernel/x", "under /sys"),
+    ("persist_file=//proc/self/mem", "under /proc"),
+    ("persist_file=/var/../proc/1/environ", "under /proc"),
+    ("control_socket=/dev/sda", "under /dev"),
+    ("control_socket=/dev", "under /dev"),
+    ("persist_file=/var/lib/loaded/", "names a directory"),
+    ("persist_file=/", "names a directory"),
+])
+def test_daemon_files_never_in_kernel_trees(line: str, reason: str) -> None:
+    p = only_error(V4 + line + "\n")
+    assert p.line == V4.count("\n") + 1 and reason in p.message, p
+
+
+def test_daemon_file_paths_are_normalised() -> None:
+    assert parse(V4 + "persist_file=/var//lib/./loaded/x.json\n").persist_file == \
+        "/var/lib/loaded/x.json"
+
+
+def test_saved_tables_and_control_socket_cannot_share_a_path() -> None:
+    p = only_error(V4 + "control_socket=/run/x\npersist_file=/run/x\n")
+    assert p.line == 4 and "also the control_socket (line 3)" in p.message
+
+
+@pytest.mark.parametrize("family,text,vip_line,rip_line", [
+    (4, "VIP4=198.19.0.5\nRIP4=198.19.0.0/24\nserver4=198.19.0.11\n", 1, 2),
+    (6, "RIP6=2001:db8:2::/64\nserver6=2001:db8:2::11\nVIP6=2001:db8:2::5\n", 3, 1),
+])
+def test_vip_inside_the_real_server_network_is_refused(family: int, text: str, vip_line: int,
+                                                       rip_line: int) -> None:
+    p = only_error(text)
+    assert p.line == vip_line
+    assert f"VIP{family}" in p.message and f"inside RIP{family}" in p.message
+    assert f"(line {rip_line})" in p.message
+
+
+def test_vip_outside_the_real_server_network_is_fine() -> None:
+    parse("VIP4=198.18.0.5\nRIP4=198.19.0.0/24\nserver4=198.19.0.11\n")
+
+
+@pytest.mark.parametrize("listen,warned", [
+    ("0.0.0.0:9180", True), ("[::]:9180", True), ("198.18.0.1:9180", True),
+    ("127.0.0.1:9180", False), ("[::1]:9180", False), ("127.0.0.2:80", False),
+])
+def test_status_server_beyond_loopback_warns(listen: str, warned: bool) -> None:
+    found = [w for w in warnings(V4 + f"status_listen={listen}\n")
+             if "no authentication" in w]
+    assert bool(found) == warned, found
+    if warned:
+        assert found[0].startswith("t.conf:3: warning: status_listen:")
+
+
+def test_line_of_names_the_line_of_a_key() -> None:
+    c = parse(V4 + "\npersist_file=/var/tmp/t.json\n")
+    assert c.line_of("persist_file") == 4 and c.line_of("control_socket") == 0

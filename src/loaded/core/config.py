@@ -98,16 +98,22 @@ New in this implementation:
                       unbalanced when the daemon is dead or a queue is full
 ``gso``               ``yes|no`` (yes): take GSO super-packets from the queue
 ``control_socket``    path of the control socket (default
-                      ``/run/loaded/<instance tag>.sock``); absolute
+                      ``/run/loaded/<instance tag>.sock``); absolute, not
+                      under /proc, /sys or /dev; what is there must be a
+                      socket or nothing (``--check`` looks)
 ``control_group``     a group whose members may use the control socket
                       (default: none, root only); a name or a number
 ``status_listen``     ``host:port`` of the metrics and status page server
-                      (``127.0.0.1:9180``; IPv6 as ``[::1]:9180``), or ``off``
+                      (``127.0.0.1:9180``; IPv6 as ``[::1]:9180``), or ``off``;
+                      beyond loopback a warning (it has no authentication)
 ``persist_clients``   ``yes|no`` (yes): save the client tables on a clean
                       stop and restore them on the next start
 ``persist_max_age``   seconds a saved table stays good, 1..604800 (600)
 ``persist_file``      where the tables are saved (default
-                      ``/var/lib/loaded/<instance tag>.clients.json``); absolute
+                      ``/var/lib/loaded/<instance tag>.clients.json``);
+                      absolute, not under /proc, /sys or /dev; what is there
+                      must be a table loaded saved or nothing: the daemon
+                      never deletes or overwrites another file
 ====================  ========================================================
 
 Health checks and failover
@@ -189,6 +195,7 @@ import difflib
 import ipaddress
 import math
 import os
+import posixpath
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -300,6 +307,11 @@ class Config:
     on_backend_down: str = "cut"
     no_backend: str = "refuse"
     warnings: tuple[Problem, ...] = ()
+    key_lines: tuple[tuple[str, int], ...] = ()  # (key, line it was set on), once-only keys
+
+    def line_of(self, key: str) -> int:
+        """The line that set ``key``; 0 when the default applies."""
+        return next((no for k, no in self.key_lines if k == key), 0)
 
     def families(self) -> tuple[int, ...]:
         """The address families that have a VIP: (4,), (6,) or (4, 6)."""
@@ -470,10 +482,23 @@ def _bool(value: str) -> bool:
     raise _Bad(f"{_q(value)} is not yes or no (also accepted: 1/0, true/false, on/off)")
 
 
+# Kernel interfaces, not places for files: writing "a table" into /proc/self/mem
+# or renaming over a device node is never what the operator meant.
+_KERNEL_TREES = ("/proc", "/sys", "/dev")
+
+
 def _abspath(value: str) -> str:
     if not value.startswith("/") or "\0" in value or len(value) > 4096:
         raise _Bad(f"{_q(value)} is not an absolute path")
-    return value
+    # POSIX keeps a leading "//" apart from "/"; Linux does not.
+    norm = "/" + posixpath.normpath(value).lstrip("/")
+    if norm == "/" or value.endswith("/"):
+        raise _Bad(f"{_q(value)} names a directory, not a file")
+    for tree in _KERNEL_TREES:
+        if norm == tree or norm.startswith(tree + "/"):
+            raise _Bad(f"{_q(value)} is under {tree}, a kernel interface: not a place "
+                       f"for loaded's files")
+    return norm
 
 
 def _listen(value: str) -> tuple[str, int] | None:
@@ -1103,6 +1128,13 @@ class _Parser:
                 self.error(lines[0], f"server{f} given but VIP{f} is not set")
             if vip is not None and vip_line is not None and not lines:
                 self.error(vip_line, f"VIP{f} {vip} has no backends: add server{f} lines")
+            rip = rips[f]
+            if vip is not None and rip is not None and vip in rip:
+                self.error(vip_line or 0,
+                           f"VIP{f} {vip} is inside RIP{f} {rip} (line "
+                           f"{self.first_line.get(f'RIP{f}', 0)}): the same prefix would be "
+                           f"on both sides, and traffic to the VIP could not be told from "
+                           f"the backends' replies")
             seen: dict[IPAddress, int] = {}
             for b in self.servers[f]:
                 if vip is not None and b.ip == vip:
@@ -1113,7 +1145,6 @@ class _Parser:
                                        f"{seen[b.ip]}")
                 else:
                     seen[b.ip] = b.line
-                rip = rips[f]
                 if rip is not None and b.ip not in rip:
                     self.warn(b.line, f"server{f}: {b.ip} is outside RIP{f} {rip}")
             gw = gws[f]
@@ -1136,11 +1167,28 @@ class _Parser:
             self.warn(self.first_line["broadcast"],
                       f"broadcast: {self.broadcast} is outside RIP4 {self.rip4}, so the "
                       f"failover check will not reach the backends")
+        self.check_daemon_files()
         if self.first_core > self.last_core:
             line = self.first_line.get("LAST_CORE") or self.first_line.get("FIRST_CORE", 0)
             self.error(line, f"FIRST_CORE {self.first_core} is greater than LAST_CORE "
                              f"{self.last_core}")
         self.check_health(vips, rips)
+
+    def check_daemon_files(self) -> None:
+        if (self.persist_file is not None and self.persist_file == self.control_socket):
+            self.error(self.first_line["persist_file"],
+                       f"persist_file: {self.persist_file} is also the control_socket "
+                       f"(line {self.first_line['control_socket']})")
+        listen = self.status_listen
+        if listen is not None and "status_listen" in self.first_line:
+            host = listen[0]
+            if not ipaddress.ip_address(host).is_loopback:
+                self.warn(self.first_line["status_listen"],
+                          f"status_listen: {host}:{listen[1]} is reachable beyond this host "
+                          f"and the status server has no authentication: anyone who can "
+                          f"reach it reads the backends, their health and the metrics; "
+                          f"listen on 127.0.0.1 behind an authenticating proxy, or "
+                          f"firewall the port")
 
     def check_health(self, vips: dict[int, IPAddress | None],
                      rips: dict[int, IPv4Network | IPv6Network | None]) -> None:
@@ -1230,6 +1278,7 @@ class _Parser:
             on_backend_down=self.on_backend_down,
             no_backend=self.no_backend,
             warnings=tuple(problems),
+            key_lines=tuple(self.first_line.items()),
         )
 
 

@@ -38,11 +38,23 @@ Rules
   generation it would be in had the daemon not stopped, so it expires as it
   would have. A malformed dump (not the format, not the version) raises
   ``ValueError``.
+- The saved file wraps the workers' dumps (``saved_document``)::
+
+      {"format": "loaded-saved-tables", "version": 1, "written_at": ...,
+       "workers": <how many ran>, "indexes": [<worker index>, ...],
+       "dumps": [<dump>, ...]}
+
+  The daemon deletes or overwrites that path only when what is there is
+  recognisably such a file (``is_saved_document``: the format marker, or the
+  marker-less shape version 1 wrote). Anything else at that path is the
+  operator's, whatever the config says: ``read_saved`` raises
+  ``NotSavedTables`` and the caller leaves it alone.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -53,18 +65,69 @@ from loaded.core.pool import Backend
 
 __all__ = [
     "FORMAT",
+    "SAVED_FORMAT",
     "VERSION",
+    "NotSavedTables",
     "RestoreReport",
+    "SavedTables",
     "dump_tables",
+    "is_saved_document",
     "list_clients",
     "merge_dumps",
+    "read_saved",
     "restore_tables",
+    "saved_document",
 ]
 
 FORMAT = "loaded-clients"
+SAVED_FORMAT = "loaded-saved-tables"
 VERSION = 1
 
 Entry = list[Any]  # [client ip, backend ip, idle seconds]
+
+
+class NotSavedTables(ValueError):
+    """What is at the path is not a saved table of ours: leave it alone."""
+
+
+@dataclass(frozen=True)
+class SavedTables:
+    workers: int | None
+    indexes: list[int]
+    dumps: list[dict[str, Any]]
+
+
+def saved_document(dumps: list[dict[str, Any]], indexes: list[int], workers: int,
+                   written_at: float) -> dict[str, Any]:
+    return {"format": SAVED_FORMAT, "version": VERSION, "written_at": written_at,
+            "workers": workers, "indexes": indexes, "dumps": dumps}
+
+
+def is_saved_document(doc: object) -> bool:
+    if not isinstance(doc, dict):
+        return False
+    if doc.get("format") == SAVED_FORMAT:
+        return True
+    # Written by version 1 before the marker: the same keys, nothing else.
+    return (doc.get("format") is None and doc.get("version") == VERSION
+            and set(doc) == {"version", "written_at", "workers", "indexes", "dumps"})
+
+
+def read_saved(text: str | bytes) -> SavedTables:
+    """The saved file's content; ``NotSavedTables`` when it is not ours, ``ValueError``
+    when it is ours but unusable."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:  # bytes that do not decode included
+        raise NotSavedTables(f"not a saved client table (not JSON: {e})") from None
+    if not is_saved_document(doc):
+        raise NotSavedTables("not a saved client table of loaded")
+    dumps, indexes, workers = doc.get("dumps"), doc.get("indexes"), doc.get("workers")
+    if (not isinstance(dumps, list) or not isinstance(indexes, list)
+            or not all(isinstance(d, dict) for d in dumps)
+            or not all(isinstance(i, int) for i in indexes)):
+        raise ValueError("saved client table without valid dumps and indexes")
+    return SavedTables(workers if isinstance(workers, int) else None, indexes, dumps)
 
 
 @dataclass

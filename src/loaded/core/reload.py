@@ -145,7 +145,7 @@ SETTINGS: dict[str, tuple[str, int, bool, str]] = {
 
 # Fields that are not settings: the backend lists (commands) and bookkeeping.
 BACKEND_FIELDS = ("servers4", "servers6")
-IGNORED_FIELDS = ("path", "warnings")
+IGNORED_FIELDS = ("path", "warnings", "key_lines")
 
 _STATE_ORDER = {State.UP: 0, State.DRAINING: 1, State.DOWN: 2}
 

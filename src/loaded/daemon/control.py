@@ -38,11 +38,12 @@ from loaded.control.protocol import ProtocolError, pool_command, resolve_vip
 from loaded.control.server import Pending
 from loaded.core.config import Config, load_config
 from loaded.core.errors import ConfigError
-from loaded.core.persist import merge_dumps
+from loaded.core.persist import NotSavedTables, merge_dumps, saved_document
 from loaded.core.pool import State
 from loaded.core.preview import merge_previews
 from loaded.core.reload import diff_configs
 from loaded.io.files import write_atomic
+from loaded.io.preflight import foreign_file, load_saved
 
 if TYPE_CHECKING:
     from loaded.daemon.supervisor import Supervisor
@@ -214,23 +215,23 @@ class Operator:
     # --- saved client tables ----------------------------------------------------------
 
     def persist_path(self) -> Path:
-        config = self.sup.config
-        if config.persist_file:
-            return Path(config.persist_file)
-        return PERSIST_DIR / f"{self.sup.plan.tag}.clients.json"
+        return persist_path(self.sup.config, self.sup.plan.tag)
 
     def save_tables(self, replies: list[dict[str, Any]]) -> None:
         dumps = sorted((r for r in replies if "result" in r), key=lambda r: r["index"])
         if not dumps:
             log.warning("event=clients-not-saved reason=no-worker-answered")
             return
-        data = {"version": 1, "written_at": time.time(),
-                "workers": len(self.sup.children),
-                "indexes": [r["index"] for r in dumps],
-                "dumps": [r["result"] for r in dumps]}
+        data = saved_document([r["result"] for r in dumps], [r["index"] for r in dumps],
+                              len(self.sup.children), time.time())
         path = self.persist_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            problem = foreign_file(path)
+            if problem is not None:
+                log.warning("event=clients-not-saved path=%s reason=%s", path,
+                            problem.replace(" ", "-"))
+                return
             write_atomic(path, json.dumps(data), mode=0o600)
         except OSError as e:
             log.warning("event=clients-not-saved path=%s error=%s", path, e)
@@ -242,32 +243,46 @@ class Operator:
         """Per worker index, the restore query for its share of the saved tables."""
         path = self.persist_path()
         try:
-            data = json.loads(path.read_text())
-            dumps = data["dumps"]
-            indexes = data["indexes"]
+            saved = load_saved(path)
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except NotSavedTables as e:
+            # Someone else's file (the config said persist_file= of it): left alone.
+            log.warning("event=clients-not-restored path=%s reason=not-ours detail=%r",
+                        path, str(e))
+            return {}
+        except OSError as e:  # unreadable: whose it is cannot be told, so it stays
             log.warning("event=clients-not-restored path=%s error=%s", path, e)
             return {}
-        finally:
-            # Restored once: a crash later must not bring back a table twice.
-            try:
-                path.unlink()
-            except OSError:
-                pass
+        except ValueError as e:
+            log.warning("event=clients-not-restored path=%s error=%s", path, e)
+            saved = None
+        # Ours: restored once (or broken), so a crash later must not bring it back.
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        if saved is None:
+            return {}
+        dumps, indexes = saved.dumps, saved.indexes
         max_age = self.sup.config.persist_max_age
         children = self.sup.children
-        if data.get("workers") == len(children) and len(dumps) == len(indexes):
+        if saved.workers == len(children) and len(dumps) == len(indexes):
             # The same workers hash the same clients (HMARK, fixed seed): each
             # gets back its own share.
             return {i: {"query": "restore", "data": d, "max_age": max_age}
                     for i, d in zip(indexes, dumps, strict=True)}
         log.info("event=clients-restore-shared reason=worker-count-changed was=%s now=%d",
-                 data.get("workers"), len(children))
+                 saved.workers, len(children))
         merged = merge_dumps(dumps)
         return {c.spec.index: {"query": "restore", "data": merged, "max_age": max_age}
                 for c in children}
+
+
+def persist_path(config: Config, tag: str) -> Path:
+    if config.persist_file:
+        return Path(config.persist_file)
+    return PERSIST_DIR / f"{tag}.clients.json"
 
 
 def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:

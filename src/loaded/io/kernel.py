@@ -53,6 +53,11 @@ JOURNAL_DIR = Path("/run/loaded")
 NUD_PERMANENT = 0x80
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # reachable, stale, delay, probe, permanent
 IFA_F_NODAD = 0x02
+RT_TABLE_MAIN = 254
+RTPROT_STATIC = 4
+# What `ip route add` would give a route without a metric: IPv6 needs it said,
+# or an undo by destination alone could hit the operator's route of another metric.
+ROUTE_METRIC = {4: 0, 6: 1024}
 
 
 class KernelError(RuntimeError):
@@ -328,14 +333,26 @@ class Kernel:
                       "prefix": a.prefix})
 
     def _route(self, r: Route) -> None:
+        """Our route to the real-server net, unless the operator's (or the kernel's,
+        for an address in that net) already sends it out of the same device."""
         idx = self._index(r.ifname)
+        family = socket.AF_INET if r.dst.version == 4 else socket.AF_INET6
+        for existing in self._ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            if (existing.get_attr("RTA_DST") == str(r.dst.network_address)
+                    and existing["dst_len"] == r.dst.prefixlen
+                    and existing.get_attr("RTA_OIF") == idx):
+                return
+        step = {"kind": "route", "dst": str(r.dst), "ifname": r.ifname,
+                "table": RT_TABLE_MAIN, "proto": RTPROT_STATIC,
+                "priority": ROUTE_METRIC[r.dst.version]}
         try:
-            self._ipr.route("add", dst=str(r.dst), oif=idx)
+            self._ipr.route("add", dst=str(r.dst), oif=idx, table=RT_TABLE_MAIN,
+                            proto=RTPROT_STATIC, priority=step["priority"])
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise KernelError(f"route {r.dst} dev {r.ifname}: {e}") from None
             return
-        self._record({"kind": "route", "dst": str(r.dst), "ifname": r.ifname})
+        self._record(step)
 
     def _chain(self, c: Chain) -> None:
         fam, t = c.family, c.table
@@ -425,7 +442,13 @@ class Kernel:
         elif kind == "route":
             idx = self._ipr.link_lookup(ifname=step["ifname"])
             if idx:
-                self._ignore_missing(lambda: self._ipr.route("del", dst=step["dst"], oif=idx[0]))
+                # Exactly the route added: the kernel deletes the first match of
+                # what is given, so table, protocol and metric are all given.
+                # (A journal from before they were recorded has none: dst and
+                # device then, as that version added them.)
+                exact = {k: step[k] for k in ("table", "proto", "priority") if k in step}
+                self._ignore_missing(lambda: self._ipr.route(
+                    "del", dst=step["dst"], oif=idx[0], **exact))
         elif kind == "neighbour":
             idx = self._ipr.link_lookup(ifname=step["ifname"])
             if idx:

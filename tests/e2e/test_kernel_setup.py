@@ -1,0 +1,66 @@
+"""What the daemon finds in the kernel stays as it was: nothing of the operator's
+is replaced, and the undo takes back exactly what was added."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from loaded.lab import traffic
+from loaded.lab.topology import Lab
+from tests.e2e.conftest import PORT, Daemon, kernel_state
+
+
+@pytest.fixture
+def operator_gateway(lab: Lab) -> Iterator[None]:
+    """The operator's own addresses in the real-server nets on the private side,
+    which give the kernel's routes to them (IPv6: proto kernel metric 256)."""
+    added = [(f"{lab.private_gw4}/{lab.private_gw4_prefixlen}", []),
+             (f"{lab.private_gw6}/{lab.private_gw6_prefixlen}", ["nodad"])]
+    for addr, flags in added:
+        lab.run("lb", ["ip", "addr", "add", addr, "dev", lab.priv_nic, *flags], check=True)
+    try:
+        yield
+    finally:
+        for addr, _ in added:
+            lab.run("lb", ["ip", "addr", "del", addr, "dev", lab.priv_nic])
+
+
+def routes_to(lab: Lab, family: int, net: str) -> list[str]:
+    out = lab.run("lb", ["ip", f"-{family}", "route", "show", "table", "all", net],
+                  check=True).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def test_an_existing_route_to_the_real_servers_is_kept(lab: Lab, daemon_factory: Any,
+                                                       operator_gateway: None) -> None:
+    before = kernel_state(lab)
+    routes6, routes4 = routes_to(lab, 6, lab.rip6), routes_to(lab, 4, lab.rip4)
+    assert len(routes6) == 1 and "proto kernel" in routes6[0]
+    assert len(routes4) == 1 and "proto kernel" in routes4[0]
+    d: Daemon = daemon_factory(private_GW=None).start()
+    # An equivalent route was there: the daemon added none of its own.
+    assert routes_to(lab, 6, lab.rip6) == routes6
+    assert routes_to(lab, 4, lab.rip4) == routes4
+    for c, v in ((lab.clients4[0], lab.vip4), (lab.clients6[0], lab.vip6)):
+        _, seen = traffic.tcp_request(c, v, PORT, timeout=5, ns=lab.ns("cl")).split()
+        assert seen == c
+    assert d.stop() == 0
+    assert routes_to(lab, 6, lab.rip6) == routes6
+    assert kernel_state(lab) == before
+
+
+def test_its_own_route_is_removed_exactly(lab: Lab, daemon_factory: Any) -> None:
+    """No private gateway and no address in the net: the daemon adds the routes, and
+    removes those (with their protocol and metric), nothing else."""
+    before = kernel_state(lab)
+    d: Daemon = daemon_factory(private_GW=None).start()
+    during6 = routes_to(lab, 6, lab.rip6)
+    during4 = routes_to(lab, 4, lab.rip4)
+    assert len(during6) == 1 and "proto static metric 1024" in during6[0], during6
+    assert len(during4) == 1 and "proto static" in during4[0], during4
+    assert d.stop() == 0
+    assert routes_to(lab, 6, lab.rip6) == [] and routes_to(lab, 4, lab.rip4) == []
+    assert kernel_state(lab) == before
