@@ -301,3 +301,108 @@ def test_concurrent_requests(server: StatusServer) -> None:
     for t in threads:
         t.join(timeout=20)
     assert results == [200] * 32
+
+
+# --- bounds: connections and the time to send a request ------------------------------
+
+
+def _idle(srv: StatusServer, n: int) -> list[socket.socket]:
+    out = []
+    for _ in range(n):
+        s = socket.create_connection(srv.address, timeout=5)
+        out.append(s)
+    return out
+
+
+def _closed_within(s: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed ``s`` (EOF or reset), None if it did not."""
+    t = time.monotonic()
+    s.settimeout(seconds)
+    try:
+        while s.recv(4096):
+            pass
+    except TimeoutError:
+        return None
+    except OSError:
+        pass
+    return time.monotonic() - t
+
+
+def test_idle_connections_do_not_take_a_thread_each(fake: FakeStatus) -> None:
+    with StatusServer("127.0.0.1", 0, fake, sample_interval=0.05, max_connections=8,
+                      request_timeout=3.0) as srv:
+        before = threading.active_count()
+        t = time.monotonic()
+        idle = _idle(srv, 200)
+        try:
+            time.sleep(0.3)
+            assert threading.active_count() - before <= 8
+            # full: answered at once (503) rather than queued behind the idle ones
+            status, headers, _ = request(srv, "GET", "/metrics")
+            if time.monotonic() - t < 2.5:  # else the first idle ones may be cut already
+                assert status == 503 and headers.get("retry-after")
+            # the idle ones are cut at the deadline; then it answers again
+            deadline = time.monotonic() + 5
+            while request(srv, "GET", "/metrics")[0] != 200:
+                assert time.monotonic() < deadline, "still full after the idle ones' deadline"
+                time.sleep(0.1)
+            assert threading.active_count() - before <= 8
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_slowloris_is_cut_at_the_total_deadline(fake: FakeStatus) -> None:
+    with StatusServer("127.0.0.1", 0, fake, sample_interval=0.05,
+                      request_timeout=1.0) as srv:
+        s = socket.create_connection(srv.address, timeout=5)
+        stop = threading.Event()
+
+        def drip() -> None:  # a byte every 0.2 s: never a pause long enough per recv
+            for ch in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 500:
+                if stop.wait(0.2):
+                    return
+                try:
+                    s.send(bytes([ch]))
+                except OSError:
+                    return
+
+        t = threading.Thread(target=drip, daemon=True)
+        t.start()
+        try:
+            took = _closed_within(s, 6.0)
+            assert took is not None and took < 2.5, took
+        finally:
+            stop.set()
+            t.join(5)
+            s.close()
+        assert request(srv, "GET", "/metrics")[0] == 200
+
+
+def test_a_request_in_time_is_served_and_keep_alive_works(fake: FakeStatus) -> None:
+    with StatusServer("127.0.0.1", 0, fake, sample_interval=0.05,
+                      request_timeout=1.0) as srv:
+        host, port = srv.address
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            for _ in range(3):  # each request gets its own deadline
+                conn.request("GET", "/api/status")
+                resp = conn.getresponse()
+                assert resp.status == 200
+                resp.read()
+                time.sleep(0.6)
+        finally:
+            conn.close()
+
+
+def test_stop_does_not_wait_for_slow_clients(fake: FakeStatus) -> None:
+    srv = StatusServer("127.0.0.1", 0, fake, sample_interval=0.05, request_timeout=30.0)
+    srv.start()
+    idle = _idle(srv, 4)
+    time.sleep(0.2)
+    t = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t < 2.0
+    for s in idle:
+        assert _closed_within(s, 2.0) is not None
+        s.close()

@@ -1,7 +1,8 @@
 """HTTP status server: Prometheus metrics, JSON status and history, a status page.
 
 :class:`StatusServer` serves, from a daemon thread (stdlib
-``http.server.ThreadingHTTPServer``, one thread per connection):
+``http.server.ThreadingHTTPServer``, one thread per connection, within the
+bounds below):
 
 ``GET /metrics``
     Prometheus text format (OpenMetrics when the scraper asks for it) from a
@@ -32,6 +33,30 @@ server and sampler threads go on. ``get_status`` is called from several
 threads at once (the sampler and one per request): it must be thread-safe,
 which returning a fresh or immutable snapshot is.
 
+Bounds. The server runs inside the supervisor, so no client may make it grow
+or hold it: the stdlib server, which the Python documentation calls unfit for
+production as it is, has neither bound, and a few hundred slow connections
+were a few hundred threads.
+
+- At most ``max_connections`` (default ``MAX_CONNECTIONS``, 32) connections
+  are served at once, one thread each. One above that is answered ``503``
+  (``Retry-After: 1``, ``Connection: close``) from the accepting thread,
+  without blocking and without a thread of its own, and closed: the page and
+  scrapers need a few connections, never dozens.
+- A request line and its headers must arrive within ``request_timeout``
+  (default ``REQUEST_TIMEOUT``, 5 s) in total, counted from the connection's
+  start or the end of the previous response on a kept-alive one; past it the
+  connection is closed. A timeout per ``recv`` alone (the socket's) would
+  let a client that sends one byte every few seconds (slowloris) hold its
+  thread for ever. The page polls every second, so keep-alive still works;
+  a connection idle for longer is closed and the browser opens another.
+- Sending an answer to a client that does not read gives up after
+  ``SEND_TIMEOUT`` (10 s, the socket's timeout, total per write).
+- ``stop()`` shuts the open connections down instead of waiting for them.
+
+Requests have no body (GET and HEAD only; another method is answered and
+the connection closed), so nothing is read past the headers.
+
 IPv4 and IPv6 hosts both work (``"::"`` also accepts IPv4 where the kernel
 allows); port 0 picks a free port, see :attr:`StatusServer.address`.
 """
@@ -39,6 +64,7 @@ allows); port 0 picks a free port, see :attr:`StatusServer.address`.
 from __future__ import annotations
 
 import collections
+import io
 import ipaddress
 import json
 import logging
@@ -66,6 +92,12 @@ PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-i
             "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
             "frame-ancestors 'none'")
 ALLOWED = "GET, HEAD"
+MAX_CONNECTIONS = 32
+REQUEST_TIMEOUT = 5.0
+SEND_TIMEOUT = 10.0
+_FULL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: 26\r\nRetry-After: 1\r\nConnection: close\r\n"
+         b"Cache-Control: no-store\r\n\r\ntoo many connections, retry\n")
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
@@ -147,17 +179,75 @@ class History:
 
 
 class _HTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a per-instance address family and no FQDN lookup."""
+    """ThreadingHTTPServer with a per-instance address family, no FQDN lookup, and
+    at most ``max_connections`` connections (threads) at once."""
 
     daemon_threads = True
+    block_on_close = False  # stop() shuts connections down; it does not wait on clients
     allow_reuse_address = True
     request_queue_size = 64  # the default 5 drops SYNs (1 s retries) under a burst
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily,
-                 owner: StatusServer) -> None:
+                 owner: StatusServer, max_connections: int = MAX_CONNECTIONS) -> None:
         self.address_family = family
         self.owner = owner
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        with self._open_lock:
+            self._open.add(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread: give the slot back here
+            self._done(request)
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done(request)
+
+    def _done(self, request: socket.socket) -> None:
+        with self._open_lock:
+            if request not in self._open:
+                return
+            self._open.discard(request)
+        self._slots.release()
+
+    def _refuse(self, sock: socket.socket) -> None:
+        # On the accepting thread, which must never block: one non-blocking send
+        # (a fresh socket's buffer has room), then close.
+        try:
+            sock.setblocking(False)
+            # Take what the client already sent, so that closing does not reset
+            # the connection before it reads the 503.
+            try:
+                sock.recv(65536)
+            except OSError:
+                pass
+            sock.send(_FULL)
+        except OSError:
+            pass
+        log.debug("event=http-refused reason=too-many-connections")
+        self.shutdown_request(sock)
+
+    def close_connections(self) -> None:
+        """Shut every open connection down: their threads end at once."""
+        with self._open_lock:
+            conns = list(self._open)
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] in ("::", ""):
@@ -172,13 +262,49 @@ class _HTTPServer(ThreadingHTTPServer):
         self.server_port = int(port)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reading side that fails (TimeoutError) once ``deadline`` (monotonic)
+    has passed, however the bytes trickle in: the total bound the socket's timeout,
+    which is per ``recv``, does not give."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not complete before its deadline")
+        previous = self.sock.gettimeout()
+        self.sock.settimeout(left if previous is None else min(left, previous))
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(previous)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     server_version = "loaded"
     sys_version = ""
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms stall
-    timeout = 30  # seconds a client may idle on a connection
+    timeout = SEND_TIMEOUT  # the socket's, per recv and per sendall
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the stdlib's file would keep the socket's descriptor open
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        # Every request line and its headers within request_timeout of the end of
+        # the answer before (or of the connection's start).
+        self._reader.deadline = time.monotonic() + self.server.owner.request_timeout
+        super().handle_one_request()
 
     def parse_request(self) -> bool:
         # Every method but GET and HEAD gets 405 (not the default 501), and the
@@ -312,9 +438,15 @@ class StatusServer:
     """
 
     def __init__(self, host: str, port: int, get_status: StatusSource, *,
-                 sample_interval: float = 1.0, history_seconds: float = 600.0) -> None:
+                 sample_interval: float = 1.0, history_seconds: float = 600.0,
+                 max_connections: int = MAX_CONNECTIONS,
+                 request_timeout: float = REQUEST_TIMEOUT) -> None:
+        if max_connections < 1 or request_timeout <= 0:
+            raise ValueError("max_connections and request_timeout must be positive")
         self.host = host
         self.port = port
+        self.max_connections = int(max_connections)
+        self.request_timeout = float(request_timeout)
         self.get_status = get_status
         self.sample_interval = float(sample_interval)
         self.history = History(window=history_seconds, interval=sample_interval)
@@ -353,7 +485,7 @@ class StatusServer:
         if self._httpd is not None:
             raise RuntimeError("StatusServer already started")
         family, host = _family(self.host, self.port)
-        httpd = _HTTPServer((host, self.port), family, self)
+        httpd = _HTTPServer((host, self.port), family, self, self.max_connections)
         self._httpd = httpd
         self._stopping.clear()
         self._threads = [
@@ -373,6 +505,7 @@ class StatusServer:
         self._stopping.set()
         httpd.shutdown()
         httpd.server_close()
+        httpd.close_connections()
         for thread in self._threads:
             thread.join(timeout=5)
         self._threads = []
