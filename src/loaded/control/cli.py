@@ -9,6 +9,15 @@ for people, or with ``--json`` the result exactly as the daemon sent it.
 Exit status: 0 done; 1 the daemon refused or could not be reached (the reason
 on stderr); 2 bad usage.
 
+Which daemon (``socket_of``): ``--socket PATH``; else the socket of ``-c FILE``
+(its ``control_socket``, or ``/run/loaded/<tag>.sock``); else that of
+``loaded.conf``/``loaded.config`` in the working directory, as the daemon
+itself would pick; else the daemon whose socket answers in the run directory
+(``SOCKET_DIR``, ``$LOADED_RUN_DIR`` when set), so that a plain ``loaded
+status`` works wherever the one daemon was started from. Several answering
+is an error listing them (socket and config file) to choose from, none an
+error saying no daemon runs.
+
 Wiring into the main command line::
 
     parser = argparse.ArgumentParser(prog="loaded")
@@ -24,6 +33,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +44,7 @@ from typing import Any, TextIO
 from loaded.control.protocol import (
     BACKEND_ACTIONS,
     DEFAULT_LIMIT,
+    SOCKET_DIR,
     CommandFailed,
     ControlError,
     socket_path_for_config,
@@ -61,6 +74,8 @@ RequestFn = Callable[[str, dict[str, Any]], Any]
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 DEFAULT_TIMEOUT = 15.0
+RUN_DIR_ENV = "LOADED_RUN_DIR"  # where to look for daemons (tests, unusual set-ups)
+PROBE_TIMEOUT = 2.0  # per socket, asking a found daemon which config it serves
 
 
 # --- the parser ---------------------------------------------------------------------
@@ -71,7 +86,8 @@ def _common() -> argparse.ArgumentParser:
     where = common.add_mutually_exclusive_group()
     where.add_argument("-c", dest="config", metavar="FILE",
                        help="the daemon's config file, which names its socket "
-                            "(default: loaded.conf or loaded.config here)")
+                            "(default: loaded.conf or loaded.config here, else the one "
+                            "daemon running)")
     where.add_argument("--socket", metavar="PATH",
                        help="the control socket (default: /run/loaded/<tag>.sock of -c FILE)")
     common.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
@@ -133,16 +149,83 @@ def main(argv: Sequence[str]) -> int:
     return run(parser().parse_args(list(argv)))
 
 
+def run_dir() -> str:
+    """The directory daemons' sockets are looked for in (``$LOADED_RUN_DIR``)."""
+    return os.environ.get(RUN_DIR_ENV) or os.fspath(SOCKET_DIR)
+
+
+def live_sockets(directory: str) -> list[str]:
+    """The ``*.sock`` sockets in ``directory`` something listens on, sorted. A
+    refused connection is a socket left from an earlier run; one we may not
+    connect to (permission) may be live, and asking it says why it cannot be used."""
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".sock"))
+    except OSError:  # no such directory: nothing runs
+        return []
+    live = []
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                continue
+        except OSError:
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(PROBE_TIMEOUT)
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            continue
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        live.append(path)
+    return live
+
+
+def _served_config(path: str) -> str | None:
+    from loaded.control.server import request
+
+    try:
+        config = _get(_get(request(path, "status", timeout=PROBE_TIMEOUT), "daemon"), "config")
+    except ControlError:
+        return None
+    return str(config) if config else None
+
+
+def find_socket(directory: str | None = None) -> str:
+    """The socket of the one daemon running, for a command that names none;
+    ``ControlError`` when none or several answer."""
+    directory = run_dir() if directory is None else directory
+    live = live_sockets(directory)
+    if len(live) == 1:
+        return live[0]
+    if not live:
+        raise ControlError(f"no daemon is running: no control socket answers in {directory} "
+                           f"(a daemon with its socket elsewhere: give -c FILE or "
+                           f"--socket PATH)")
+    lines = []
+    for path in live:
+        config = _served_config(path)
+        lines.append(f"  {path}" + (f" (config {config})" if config else ""))
+    raise ControlError(f"{len(live)} daemons are running; pick one with -c FILE or "
+                       f"--socket PATH:\n" + "\n".join(lines))
+
+
 def socket_of(args: argparse.Namespace) -> str:
     """``--socket``; else the config's ``control_socket`` when it sets one; else
-    ``/run/loaded/<tag>.sock`` of the config (``-c``, or the daemon's default search)."""
+    ``/run/loaded/<tag>.sock`` of the config (``-c``, or the daemon's default
+    search); with no config here either, the one daemon running (``find_socket``)."""
     if getattr(args, "socket", None):
         return str(args.socket)
     config = getattr(args, "config", None)
     if not config:
-        from loaded.cli import find_config
+        from loaded.cli import DEFAULT_CONFIGS
 
-        config = find_config(None)
+        config = next((name for name in DEFAULT_CONFIGS if os.path.exists(name)), None)
+        if config is None:
+            return find_socket()
     from loaded.core.config import load_config
     from loaded.core.errors import ConfigError
 
@@ -162,7 +245,11 @@ def run(args: argparse.Namespace, request: RequestFn | None = None,
     if request is None:
         from loaded.control.server import request as send
 
-        path = socket_of(args)
+        try:
+            path = socket_of(args)
+        except ControlError as e:
+            print(f"loaded {name}: {e}", file=err)
+            return EXIT_FAILED
         timeout = float(getattr(args, "timeout", DEFAULT_TIMEOUT))
 
         def request(cmd: str, body: dict[str, Any]) -> Any:
