@@ -468,3 +468,24 @@ def test_graceful_remove_without_clients_is_immediate_and_readd_revives() -> Non
     e.apply({"op": "remove", "vip": VIP6, "backend": chosen, "graceful": True}, 1.0)
     b = e.apply({"op": "add", "vip": VIP6, "backend": chosen, "weight": 2}, 1.0)
     assert b.state is State.UP and b.weight == 2 and not svc.leaving
+
+
+def test_client_table_max_bounds_the_vip_over_all_workers() -> None:
+    """Issue 13: with client_table_max=1000 and two workers a VIP held 1,548 clients;
+    each worker had the whole bound. Now the workers share it."""
+    config = parse_config(CONFIG + "client_table_max=1000\n", "test.conf")
+    workers = [build_engine(config, now=0.0, worker=i, workers=2) for i in range(2)]
+    for n in range(3000):
+        client = str(ipaddress.ip_address("198.18.64.0") + n)
+        # the kernel hashes clients unevenly over the queues: here 3 in 4 to one
+        e = workers[0] if n % 4 else workers[1]
+        assert e.decide(raw(ip(4, client, VIP4) / l4("tcp", b"", family=4)), 1.0) is not None
+    total = sum(len(e.services[0].table) for e in workers)
+    assert total <= 1000
+    assert len(workers[0].services[0].table) == 500
+
+
+def test_one_worker_keeps_the_whole_bound() -> None:
+    config = parse_config(CONFIG + "client_table_max=7\n", "test.conf")
+    assert build_engine(config, now=0.0).services[0].table.max_size == 7
+    assert build_engine(config, now=0.0, workers=3).services[0].table.max_size == 2

@@ -3,6 +3,7 @@ is replaced, and the undo takes back exactly what was added."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,3 +65,38 @@ def test_its_own_route_is_removed_exactly(lab: Lab, daemon_factory: Any) -> None
     assert d.stop() == 0
     assert routes_to(lab, 6, lab.rip6) == [] and routes_to(lab, 4, lab.rip4) == []
     assert kernel_state(lab) == before
+
+
+def test_another_instance_on_the_same_queues_names_the_owner(lab: Lab,
+                                                             daemon_factory: Any) -> None:
+    first: Daemon = daemon_factory("queues-a.conf").start()
+    other = daemon_factory("queues-b.conf")  # another config file: another instance
+    during = kernel_state(lab)
+    second = lab.run("lb", [sys.executable, "-m", "loaded", "-D", "-c", str(other.conf)],
+                     timeout=20)
+    assert second.returncode == 1
+    assert "reason=queue-in-use queue=0" in second.stderr
+    assert any(f"pid {pid} " in second.stderr for pid in first.worker_pids()), second.stderr
+    assert "FIRST_CORE= and LAST_CORE=" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert kernel_state(lab) == during
+    assert first.proc is not None and first.proc.poll() is None
+    assert first.stop() == 0
+
+
+def test_clean_stop_leaves_no_stats_file_and_logs_the_totals(lab: Lab,
+                                                             daemon_factory: Any) -> None:
+    d: Daemon = daemon_factory("clean-stop.conf", client_table_max=1001).start()
+    traffic.tcp_request(lab.clients4[1], lab.vip4, PORT, timeout=5, ns=lab.ns("cl"))
+    workers = len(d.stats()["workers"])
+    # the VIP's bound over all workers, each holding an equal share
+    status = d.control("status")
+    assert {s["client_table_max"] for s in status["services"]} == {1001 // workers * workers}
+    assert d.stop() == 0
+    assert not d.stats_path.exists()
+    final = [line for line in d.log.splitlines() if "event=worker-stopped" in line]
+    assert len(final) == workers
+    assert sum(int(line.split("packets=")[1].split()[0]) for line in final) >= 1
+    assert all("queue=None" not in line and "pid=-" not in line for line in final), final
+    # Nothing but our own log lines: no library chatter on stderr.
+    assert "warning: stmt ops" not in d.log and "no json callback" not in d.log

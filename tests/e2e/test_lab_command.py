@@ -27,6 +27,10 @@ def test_lab_command_balances_and_cleans_up() -> None:
         assert sum(counts) == 4 and max(counts) == 4  # every request answered, sticky
         assert row[3] == "3/3"
     assert "every kernel change it made is undone" in out
+    # each worker's final totals, with its queue and pid (issue 13: they read None)
+    finals = [line for line in out.splitlines() if line.startswith("worker ")]
+    assert finals and all("None" not in line for line in finals), finals
+    assert sum(int(line.split("): ")[1].split()[0]) for line in finals) > 0
     prefix = out.split()[1].rstrip(":")
     assert prefix.startswith("ld")
     assert not [ns for ns in list_netns() if ns.startswith(prefix + "-")]

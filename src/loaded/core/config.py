@@ -92,7 +92,10 @@ New in this implementation:
 ====================  ========================================================
 ``client_timeout``    seconds a client stays in the client table after its
                       last packet, 1..604800 (300)
-``client_table_max``  most clients remembered, 1..100000000 (1000000)
+``client_table_max``  most clients remembered per VIP, over all workers
+                      (each holds an equal share, at least 2), 1..100000000
+                      (1000000); on the conntrack path also the size of the
+                      kernel's client map
 ``datapath``          ``conntrack`` (default) or ``perpacket`` (see the README)
 ``fail_open``         ``yes|no`` (no): whether the kernel lets packets through
                       unbalanced when the daemon is dead or a queue is full

@@ -247,7 +247,8 @@ class Engine:
                         ok = plen >= 20 and 20 <= (buf[52] >> 4) << 2 <= plen
                     else:
                         co = 46
-                        ok = 8 <= ((buf[44] << 8) | buf[45]) <= plen
+                        # plen first: a packet of 40..45 bytes has no UDP length field
+                        ok = plen >= 8 and 8 <= ((buf[44] << 8) | buf[45]) <= plen
                     if ok:
                         src, dst = _ADDR6(buf, 8)
                         svc = self._vip6.get(dst)
@@ -465,12 +466,21 @@ def backend_indexes(config: Config, families: Iterable[int]) -> dict[tuple[str, 
     return out
 
 
+def table_share(client_table_max: int, workers: int) -> int:
+    """Each worker's bound on a VIP's client table. The workers' tables are
+    disjoint (every client hashes to one worker), so equal shares keep the VIP's
+    total within ``client_table_max`` (2 at least: a table's two generations)."""
+    return max(2, client_table_max // max(1, workers))
+
+
 def build_engine(config: Config, now: float, families: Iterable[int] | None = None,
                  worker: int = 0,
-                 indexes: Mapping[tuple[str, str], int] | None = None) -> Engine:
+                 indexes: Mapping[tuple[str, str], int] | None = None,
+                 workers: int = 1) -> Engine:
     """An engine for ``config``: one service per VIP, each with a fresh client table.
 
-    ``worker`` staggers cursor strategies so that workers do not all start alike.
+    ``worker`` staggers cursor strategies so that workers do not all start alike;
+    ``workers`` is how many there are, which share ``client_table_max``.
     ``indexes`` numbers the backends (``backend_indexes`` of the config the daemon
     started from: after a reload, the file's order is not the pools' order).
     """
@@ -494,6 +504,7 @@ def build_engine(config: Config, now: float, families: Iterable[int] | None = No
                                  maglev_table_size=config.maglev_table_size)
         strategy.stagger(worker)
         table = ClientTable(pool, strategy, idle_timeout=config.client_timeout,
-                            max_size=config.client_table_max, now=now)
+                            max_size=table_share(config.client_table_max, workers),
+                            now=now)
         services.append(Service(vip, pool, strategy, table, real_net))
     return Engine(services, config.nameservers)

@@ -15,6 +15,8 @@ Rules:
 - State and weight come from the workers' pools (they all apply the same
   commands); a backend only the supervisor knows yet (just added) shows as its
   command says.
+- ``client_table_max`` is the bound on each VIP's clients over all workers
+  (each worker holds an equal share of it).
 - ``health`` is ``unknown`` until a first probe result (or without failover).
 - Times go out as Unix time; the supervisor's clocks are monotonic.
 """
@@ -36,6 +38,7 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
                  now_mono: float, now_wall: float,
                  extra_backends: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
                  retired: Mapping[tuple[str, str], Mapping[str, int]] | None = None,
+                 client_table_max: int | None = None,
                  ) -> dict[str, Any]:
     by_target = {(str(t.vip), str(t.ip)): t for t in health}
     services = []
@@ -84,7 +87,8 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
             backends.append(agg)
         backends.sort(key=lambda b: (b.get("mark") is None, b.get("mark") or 0, b["address"]))
         services.append({"vip": vip, "family": family, "strategy": strategy,
-                         "datapath": datapath, "clients": clients, "backends": backends})
+                         "datapath": datapath, "clients": clients,
+                         "client_table_max": client_table_max, "backends": backends})
     return {
         "daemon": dict(daemon, datapath=datapath),
         "services": services,

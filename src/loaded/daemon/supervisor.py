@@ -10,7 +10,9 @@ Life of a daemon:
    packet waits on a queue nobody reads; then the backends' neighbour entries;
 5. loop: restart a worker that dies, collect the workers' counters into
    ``/run/loaded/<tag>.stats.json``, retry neighbours not resolved yet;
-6. on SIGTERM or SIGINT: stop the workers, undo every recorded kernel change.
+6. on SIGTERM or SIGINT: stop the workers (each one's totals logged, a
+   ``worker-stopped`` line), remove the stats file, undo every recorded kernel
+   change.
 
 The supervisor stays root, because undoing the set-up needs it, but keeps only
 the capabilities listed in ``loaded.io.privileges.SUPERVISOR_CAPS``.
@@ -38,7 +40,7 @@ from loaded.control.protocol import socket_path
 from loaded.control.server import ControlServer
 from loaded.control.web import StatusServer
 from loaded.core.config import Config
-from loaded.core.engine import backend_indexes, build_engine
+from loaded.core.engine import backend_indexes, build_engine, table_share
 from loaded.core.health import (
     Event,
     HealthMonitor,
@@ -55,7 +57,7 @@ from loaded.daemon.status import build_status
 from loaded.daemon.worker import Worker, WorkerSpec
 from loaded.io.files import write_atomic
 from loaded.io.kernel import JOURNAL_DIR, Kernel, KernelError
-from loaded.io.nfqueue import read_proc_stats
+from loaded.io.nfqueue import queue_owner, read_proc_stats
 from loaded.io.privileges import limit_supervisor
 from loaded.io.probes import HealthRunner
 
@@ -177,7 +179,8 @@ class Supervisor:
                 os.set_blocking(w, False)
                 _close_inherited(keep={w, cr})
                 engine = build_engine(self.config, time.monotonic(), self.families,
-                                      worker=child.spec.index, indexes=self.indexes)
+                                      worker=child.spec.index, indexes=self.indexes,
+                                      workers=len(self.children))
                 code = Worker(child.spec, engine, w, cr).run()
             except BaseException:
                 log.exception("event=worker-failed queue=%d", child.spec.queue)
@@ -433,7 +436,9 @@ class Supervisor:
             kernel_queues={str(k): v for k, v in read_proc_stats().items()
                            if k in self.plan.queues},
             endpoints=endpoints, now_mono=now, now_wall=time.time(), extra_backends=extra,
-            retired=self._retired)
+            retired=self._retired,
+            client_table_max=(table_share(self.config.client_table_max, len(self.children))
+                              * len(self.children)))
 
     def _cached_status(self) -> dict[str, Any]:
         # The HTTP server's threads: the main loop refreshes this once a second.
@@ -485,6 +490,8 @@ class Supervisor:
                         os.close(child.fd)
                         child.fd = -1
                     self._retire(child.last)
+                    if self.stopping:
+                        _log_final(child)
                     child.last = {}
                     if not self.stopping:
                         child.restarts += 1
@@ -536,6 +543,17 @@ class Supervisor:
             self.kernel.recover()
         except KernelError as e:  # e.g. this instance already runs: leave it alone
             log.error("event=startup-failed error=%s", e)
+            return 1
+        taken = {q: owner for q in self.plan.queues if (owner := queue_owner(q)) is not None}
+        if taken:
+            # Another daemon (or program) reads these queues: refuse before
+            # anything changes, and say whose they are and how to pick others.
+            for q, owner in sorted(taken.items()):
+                log.error("event=startup-failed reason=queue-in-use queue=%d owner=%r", q,
+                          owner)
+            log.error("event=startup-failed hint=%r", "give this instance other queues with "
+                      f"FIRST_CORE= and LAST_CORE= (now {min(self.plan.queues)}.."
+                      f"{max(self.plan.queues)}) in {self.config_path}")
             return 1
         try:
             self.kernel.apply_base()
@@ -710,7 +728,8 @@ class Supervisor:
             "tag": self.plan.tag,
             "pid": os.getpid(),
             "uptime": time.monotonic() - self._started,
-            "workers": [dict(c.last, restarts=c.restarts, alive=c.pid != 0)
+            "workers": [dict(c.last, restarts=c.restarts, alive=c.pid != 0,
+                             index=c.spec.index, queue=c.spec.queue)
                         for c in self.children],
             "kernel_queues": self._status["kernel_queues"],
             "unresolved_neighbours": [str(n.ip) for n in self.kernel.unresolved],
@@ -756,7 +775,12 @@ class Supervisor:
                 except (ProcessLookupError, ChildProcessError):
                     pass
                 child.pid = 0
-        self.write_stats()
+        # The stats file describes a running daemon: gone with it (the workers'
+        # totals are in the log, one worker-stopped line each).
+        try:
+            self.stats_path.unlink()
+        except FileNotFoundError:
+            pass
         self.kernel.undo()
         self.kernel.close()
         log.info("event=stopped tag=%s", self.plan.tag)
@@ -769,6 +793,15 @@ class Supervisor:
 
     def _ignore(self, signum: int, frame: object) -> None:
         pass
+
+
+def _log_final(child: _Child) -> None:
+    last: dict[str, Any] = child.last
+    drops = ",".join(f"{k}:{v}" for k, v in sorted(last.get("drops", {}).items())) or "-"
+    log.info("event=worker-stopped index=%d queue=%d pid=%s packets=%d dropped=%d drops=%s "
+             "cpu_seconds=%.2f restarts=%d", child.spec.index, child.spec.queue,
+             last.get("pid", "-"), int(last.get("packets", 0)), int(last.get("dropped", 0)),
+             drops, float(last.get("cpu_seconds", 0.0)), child.restarts)
 
 
 def _status(status: int) -> str:

@@ -94,9 +94,13 @@ class Nft:
             raise KernelError(f"nftables: {str(err).strip()} (in {command[:300]})")
 
     def table_exists(self, family: str, name: str) -> bool:
-        rc, _, _ = self._nft.json_cmd({"nftables": [
-            {"list": {"table": {"family": family, "name": name}}}]})
-        return bool(rc == 0)
+        # Only the table headers: listing the table itself prints its rules as
+        # JSON, and libnftables writes "stmt ops map have no json callback" to
+        # the daemon's stderr for the map update it cannot express.
+        rc, out, _ = self._nft.json_cmd({"nftables": [{"list": {"tables": {"family": family}}}]})
+        items = out.get("nftables", []) if rc == 0 and isinstance(out, dict) else []
+        return any(item.get("table", {}).get("name") == name
+                   and item["table"].get("family") == family for item in items)
 
     def map_elements(self, table: str, name: str) -> list[tuple[dict[str, Any], Any]]:
         """The elements of a map of an inet table: (key as {"val", "expires"...}, value)."""

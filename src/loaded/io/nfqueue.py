@@ -146,7 +146,9 @@ class NfQueue:
                 + _attr(NFQA_CFG_FLAGS, _U32.pack(flags)))
         except OSError as e:
             self.sock.close()
-            raise QueueError(e.errno, f"cannot bind queue {num}: {e.strerror}") from None
+            owner = queue_owner(num) if e.errno in (errno.EPERM, errno.EBUSY) else None
+            why = f"bound by {owner}" if owner else e.strerror
+            raise QueueError(e.errno, f"cannot bind queue {num}: {why}") from None
         self._bufs = [bytearray(_RECV_SIZE) for _ in range(batch)]
         self._views = [memoryview(b) for b in self._bufs]
         self._headers = [bytearray(max(_VERDICT.size, _VERDICT_MARK.size))
@@ -388,3 +390,36 @@ def read_proc_stats(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[i
     except OSError:
         pass
     return out
+
+
+def queue_owner(num: int, proc: str = "/proc") -> str | None:
+    """Who has queue ``num`` bound: ``pid N (command line)`` when the process can
+    be found, ``netlink port N`` when not; None when nobody has it."""
+    entry = read_proc_stats(f"{proc}/net/netfilter/nfnetlink_queue").get(num)
+    if entry is None:
+        return None
+    port = entry["portid"]
+    inode = None
+    try:
+        with open(f"{proc}/net/netlink") as f:
+            for line in f:
+                cols = line.split()
+                # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+                if len(cols) >= 10 and cols[1] == str(NETLINK_NETFILTER) and cols[2] == str(port):
+                    inode = cols[9]
+                    break
+    except OSError:
+        pass
+    if inode is not None:
+        target = f"socket:[{inode}]"
+        for pid in (d for d in os.listdir(proc) if d.isdigit()):
+            try:
+                fds = os.listdir(f"{proc}/{pid}/fd")
+                if not any(os.readlink(f"{proc}/{pid}/fd/{fd}") == target for fd in fds):
+                    continue
+                with open(f"{proc}/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue  # gone meanwhile, or not ours to look at
+            return f"pid {pid} ({cmd[:200]})" if cmd else f"pid {pid}"
+    return f"netlink port {port}"

@@ -74,8 +74,7 @@ def run(lab: Lab, args: argparse.Namespace, families: tuple[int, ...]) -> int:
             time.sleep(args.keep)
     finally:
         code = balancer.stop()
-        report_stats(balancer.stats())  # the workers' last words, written at exit
-        balancer.stats_path.unlink(missing_ok=True)
+        report_stats(balancer.log)  # the workers' last words, logged at exit
         print(f"balancer stopped (exit {code}); every kernel change it made is undone")
     return 1 if failures or code else 0
 
@@ -119,12 +118,12 @@ def exercise(lab: Lab, family: int, requests: int) -> int:
     return failures + wrong_client + sum(not p.ok for p in pings.values())
 
 
-def report_stats(stats: dict[str, object]) -> None:
-    workers = stats.get("workers", [])
-    assert isinstance(workers, list)
-    for w in workers:
-        drops = w.get("drops") or {}
+def report_stats(log: str) -> None:
+    for line in log.splitlines():
+        if "event=worker-stopped" not in line:
+            continue
+        w = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        drops = "" if w.get("drops", "-") == "-" else f" ({w['drops']})"
         print(f"worker {w.get('index')} (queue {w.get('queue')}, pid {w.get('pid')}): "
-              f"{w.get('packets', 0)} packets, {w.get('dropped', 0)} dropped"
-              + (f" {drops}" if drops else "")
-              + f", {w.get('cpu_seconds', 0.0):.2f} s CPU")
+              f"{w.get('packets')} packets, {w.get('dropped')} dropped{drops}, "
+              f"{w.get('cpu_seconds')} s CPU")
