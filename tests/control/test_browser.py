@@ -51,6 +51,7 @@ class GrowingStatus:
         self.started = time.time() - 3600.0
         self.t0 = time.monotonic()
         self.fail = False
+        self.kernel_drops: dict[str, int] | None = None  # None: the per-packet path
         self.lock = threading.Lock()
 
     def __call__(self) -> dict[str, Any]:
@@ -70,7 +71,7 @@ class GrowingStatus:
                     "clients": 0 if down else 12, "new_clients": 0 if down else 40,
                     "packets": packets, "bytes": packets * 740}
 
-        return {
+        status = {
             "daemon": {"pid": 4242, "tag": "browser-test", "config": "/etc/loaded/test.conf",
                        "version": "0.1.0", "uptime": now - self.started,
                        "datapath": "perpacket", "started_at": self.started},
@@ -90,6 +91,9 @@ class GrowingStatus:
                                        "queue_dropped": 0, "user_dropped": 0,
                                        "id_sequence": 100} for i in range(2)},
         }
+        if self.kernel_drops is not None:
+            status["kernel_drops"] = dict(self.kernel_drops)
+        return status
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +253,31 @@ def test_page_reports_an_unavailable_status_and_recovers(browser: Browser,
             source.fail = False
         page.wait_for_selector('#conn[data-state="ok"]', timeout=5_000)
         assert page.locator("#error").is_hidden()
+        problems.check()
+    finally:
+        page.context.close()
+
+
+def test_page_shows_kernel_drops_on_the_conntrack_path(browser: Browser, server: StatusServer,
+                                                      source: GrowingStatus,
+                                                      artifacts: Path) -> None:
+    page, problems = open_page(browser, server, 375, 800)
+    try:
+        page.wait_for_selector('#conn[data-state="ok"]', timeout=10_000)
+        assert page.locator("#kernel-drops").is_hidden()  # per-packet: nothing to show
+        source.kernel_drops = {"conntrack-invalid": 12345}
+        try:
+            page.wait_for_selector("#kernel-drops", state="visible", timeout=5_000)
+            cell = page.locator('#kernel-drops [data-reason="conntrack-invalid"]')
+            assert cell.get_attribute("data-value") == "12345"
+            assert "conntrack-invalid" in page.inner_text("#kernel-drops")
+            assert "12,345" in page.inner_text("#kernel-drops")
+            overflow = page.evaluate("document.documentElement.scrollWidth")
+            assert overflow <= 375
+            page.screenshot(path=str(artifacts / "status-kernel-drops.png"), full_page=True)
+        finally:
+            source.kernel_drops = None
+        page.wait_for_selector("#kernel-drops", state="hidden", timeout=5_000)
         problems.check()
     finally:
         page.context.close()

@@ -124,6 +124,17 @@ def test_status_text() -> None:
     assert (code, out, err) == (0, STATUS_TEXT, "")
 
 
+def test_status_kernel_drops() -> None:
+    status = dict(STATUS, kernel_drops={"conntrack-invalid": 1_234_567})
+    assert format_status(status, NOW) == STATUS_TEXT + (
+        "\n"
+        "KERNEL DROP        PACKETS\n"
+        "conntrack-invalid     1.2M\n")
+    assert format_status(status, NOW, exact=True).endswith("conntrack-invalid  1234567\n")
+    zero = format_status(dict(STATUS, kernel_drops={"conntrack-invalid": 0}), NOW)
+    assert zero.endswith("conntrack-invalid        0\n")  # counted, and none
+
+
 def test_status_exact_counters() -> None:
     text = format_status(STATUS, NOW, exact=True)
     assert "  198.19.0.11     up        enabled       3     1020  2048  1234567  987654321  " \

@@ -170,11 +170,23 @@ def test_every_family_is_prefixed_and_documented() -> None:
         "loaded_worker_verdict_latency_seconds",
         "loaded_kernel_queue_length", "loaded_kernel_queue_dropped",
         "loaded_kernel_queue_user_dropped", "loaded_kernel_queue_id_sequence",
+        "loaded_kernel_drops",
     }
     assert set(families) == expected
     for name, family in families.items():
         assert name.startswith("loaded_")
         assert family.documentation, name
+
+
+def test_kernel_drops_are_a_counter_by_reason() -> None:
+    status = dict(snapshot(), kernel_drops={"conntrack-invalid": 12, "other": 0})
+    families, samples = scrape(status)
+    assert families["loaded_kernel_drops"].type == "counter"
+    assert samples[("loaded_kernel_drops_total", L(reason="conntrack-invalid"))] == 12
+    assert samples[("loaded_kernel_drops_total", L(reason="other"))] == 0
+    # the per-packet path has none: no series, not a zero that suggests one
+    _, samples = scrape(snapshot())
+    assert not any(name.startswith("loaded_kernel_drops") for name, _ in samples)
 
 
 def test_minimal_and_partial_snapshots() -> None:

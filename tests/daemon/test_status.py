@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 from loaded.core.health import TargetStatus
 from loaded.daemon.control import _merge_lists, _merge_lookups
 from loaded.daemon.status import build_status
+from tests.daemon.test_supervisor import servers, supervisor
 
 VIP = "198.18.1.100"
 
@@ -80,3 +82,18 @@ def test_client_answers_of_workers_are_merged() -> None:
     lookups = [[{"vip": VIP, "backend": None}], [{"vip": VIP, "backend": "198.19.0.11"}]]
     assert _merge_lookups("198.18.0.1", lookups)["services"] == [
         {"vip": VIP, "backend": "198.19.0.11"}]
+
+
+def test_kernel_drops_on_the_conntrack_path_only() -> None:
+    s = build(counters={}, kernel_drops={"conntrack-invalid": 7})
+    assert s["kernel_drops"] == {"conntrack-invalid": 7}
+    assert "kernel_drops" not in build()  # per-packet path: the kernel drops nothing of ours
+
+
+def test_the_supervisor_reports_conntrack_invalid_drops(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, servers(11), datapath="conntrack")
+    sup._invalid = 42  # what the guard chain's counter said at the last reading
+    assert sup.status()["kernel_drops"] == {"conntrack-invalid": 42}
+    other = tmp_path / "pp"
+    other.mkdir()
+    assert "kernel_drops" not in supervisor(other, servers(11), datapath="perpacket").status()

@@ -476,6 +476,12 @@ def format_status(status: Mapping[str, Any], now: float, exact: bool = False) ->
         lines.append("")
         lines += table(["QUEUE", "WAITING", "QUEUE DROPPED", "USER DROPPED"], rows,
                        [True, True, True, True], indent="")
+    drops = _get(status, "kernel_drops")
+    if isinstance(drops, Mapping) and drops:  # conntrack path: shown even when 0
+        lines.append("")
+        lines += table(["KERNEL DROP", "PACKETS"],
+                       [[str(k), count(v, exact)] for k, v in sorted(drops.items())],
+                       [False, True], indent="")
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,13 @@ loaded_kernel_queue_length                     gauge    queue
 loaded_kernel_queue_dropped_total              counter  queue
 loaded_kernel_queue_user_dropped_total         counter  queue
 loaded_kernel_queue_id_sequence                gauge    queue
+loaded_kernel_drops_total                      counter  reason
 =============================================  =======  ==============================
+
+``loaded_kernel_drops_total`` counts packets the kernel dropped before any
+worker saw them; it has series only on the conntrack data path (reason
+``conntrack-invalid``: the guard chain's drops of packets conntrack found
+invalid), and none on the per-packet path, where nothing is counted.
 
 Missing optional keys are tolerated: a metric whose value is absent from the
 snapshot is left out rather than reported as zero (except per-backend and
@@ -161,6 +167,7 @@ class StatusCollector(Collector):
         yield from self._services(_list(status.get("services")))
         yield from self._workers(_list(status.get("workers")))
         yield from self._kernel(_dict(status.get("kernel_queues")))
+        yield from self._kernel_drops(_dict(status.get("kernel_drops")))
 
     # -- daemon -----------------------------------------------------------------------
 
@@ -324,6 +331,15 @@ class StatusCollector(Collector):
             if seq is not None:
                 id_sequence.add_metric(labels, seq)
         yield from (length, dropped, user_dropped, id_sequence)
+
+    def _kernel_drops(self, drops: Mapping[str, Any]) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            PREFIX + "kernel_drops",
+            "Packets the kernel dropped before balancing, by reason (conntrack-invalid: "
+            "conntrack found them invalid). Conntrack data path only.", labels=["reason"])
+        for reason in sorted(drops):
+            family.add_metric([str(reason)], _f(drops[reason]))
+        yield family
 
 
 def make_registry(get_status: StatusSource) -> CollectorRegistry:

@@ -49,12 +49,15 @@ Commands
                   "restarts": int, "packets": int, "dropped": int, ...}],
      "kernel_queues": {"<queue>": {"waiting": int, "queue_dropped": int,
                                    "user_dropped": int, ...}},
+     "kernel_drops": {"conntrack-invalid": int},          (conntrack path only)
      "endpoints": {"metrics": "http://127.0.0.1:9100/metrics",
                    "status": "http://127.0.0.1:9100/"}}
 
   ``state`` is what the workers do (the pool state), ``admin`` what the
   operator asked (``backend drain|disable|enable``), ``health`` what the
-  checks say (``unknown`` without failover).
+  checks say (``unknown`` without failover). ``kernel_drops``: packets the
+  kernel dropped before any worker saw them, by reason (``conntrack-invalid``:
+  conntrack found them invalid); absent on the per-packet path.
 
 ``backend``: args ``{"action": "add"|"remove"|"weight"|"drain"|"disable"|"enable",
 "address": ip, "vip": ip (optional), "weight": 0..65535 (add: optional, default 1;

@@ -18,6 +18,11 @@ Rules:
 - ``client_table_max`` is the bound on each VIP's clients over all workers
   (each worker holds an equal share of it).
 - ``health`` is ``unknown`` until a first probe result (or without failover).
+- ``kernel_drops`` (conntrack path only, absent on the per-packet path):
+  packets the kernel dropped before any worker saw them, by reason, as
+  counters; today ``conntrack-invalid``, the guard chain's drops of packets
+  conntrack calls invalid. Without it those drops would be in the stats file
+  alone, invisible in ``loaded status``, the metrics and the page.
 - Times go out as Unix time; the supervisor's clocks are monotonic.
 """
 
@@ -39,6 +44,7 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
                  extra_backends: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
                  retired: Mapping[tuple[str, str], Mapping[str, int]] | None = None,
                  client_table_max: int | None = None,
+                 kernel_drops: Mapping[str, int] | None = None,
                  ) -> dict[str, Any]:
     by_target = {(str(t.vip), str(t.ip)): t for t in health}
     services = []
@@ -89,13 +95,16 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
         services.append({"vip": vip, "family": family, "strategy": strategy,
                          "datapath": datapath, "clients": clients,
                          "client_table_max": client_table_max, "backends": backends})
-    return {
+    out = {
         "daemon": dict(daemon, datapath=datapath),
         "services": services,
         "workers": [_worker(w) for w in workers],
         "kernel_queues": dict(kernel_queues),
         "endpoints": dict(endpoints),
     }
+    if kernel_drops is not None:
+        out["kernel_drops"] = {str(k): int(v) for k, v in kernel_drops.items()}
+    return out
 
 
 def _worker(w: Mapping[str, Any]) -> dict[str, Any]:

@@ -438,7 +438,8 @@ class Supervisor:
             endpoints=endpoints, now_mono=now, now_wall=time.time(), extra_backends=extra,
             retired=self._retired,
             client_table_max=(table_share(self.config.client_table_max, len(self.children))
-                              * len(self.children)))
+                              * len(self.children)),
+            kernel_drops={"conntrack-invalid": self._invalid} if self.conntrack else None)
 
     def _cached_status(self) -> dict[str, Any]:
         # The HTTP server's threads: the main loop refreshes this once a second.
