@@ -163,6 +163,42 @@ def test_conntrack_path_nft_table() -> None:
     assert mangle.rules[0] == ("-m", "mark", "--mark", "0x4c428000/0xffff8000", "-j", "RETURN")
 
 
-def test_per_packet_plan_has_no_nft_table_and_conntrack_is_the_default() -> None:
-    assert plan().nft == () and plan().datapath == "perpacket"
+def test_per_packet_plan_rewrites_replies_in_the_kernel() -> None:
+    p = plan("NS=198.18.5.53\n")
+    assert p.datapath == "perpacket" and p.nft_text == ()
+    chains = {cmd["add"]["chain"]["name"]: cmd["add"]["chain"] for cmd in p.nft
+              if "chain" in cmd.get("add", {})}
+    # before iptables' filter FORWARD (0), whose queue rule matches the backends'
+    # source: a rewritten reply is no longer queued
+    assert {n: (c["type"], c["hook"], c["prio"]) for n, c in chains.items()} == {
+        "reply": ("filter", "forward", -10)}
+    maps = {cmd["add"]["map"]["name"]: cmd["add"]["map"] for cmd in p.nft
+            if "map" in cmd.get("add", {})}
+    assert maps["reply4"]["elem"] == [[{"prefix": {"addr": "198.19.0.0", "len": 24}},
+                                       "198.18.1.100"]]
+    assert maps["reply6"]["flags"] == ["interval"]
+    assert maps["reply_counters6"]["map"] == "counter"
+    rules = _rules(p, "reply")
+    # DNS to the nameserver first, untouched; then per family: counted + rewritten
+    # (backends), rewritten (other hosts of the net)
+    assert rules[0][0]["match"]["right"] == {"set": ["198.18.5.53"]}
+    assert rules[0][-1] == {"return": None}
+    assert len(rules) == 5
+    for r in rules[1:]:
+        assert r[0]["match"]["right"] == {"set": ["tcp", "udp"]}
+        assert "mangle" in r[-1]
+    assert "counter" in rules[1][2] and "counter" not in str(rules[2])
+    assert rules[1][1]["match"]["left"] == {"&": [
+        {"payload": {"protocol": "ip", "field": "frag-off"}}, 0x3FFF]}
+    assert rules[3][1]["match"]["left"] == {"exthdr": {"name": "frag"}}
+    elements = [cmd["add"]["element"] for cmd in p.nft if "element" in cmd.get("add", {})]
+    assert [(e["name"], e["elem"][0]) for e in elements] == [
+        ("reply_counters4", ["198.19.0.11", "backend_4c420000"]),
+        ("reply_counters4", ["198.19.0.12", "backend_4c420001"]),
+        ("reply_counters6", ["2001:db8:2::11", "backend_4c428000"])]
+    assert not any(c.table == "filter" and "-s" not in c.jump_match for c in p.chains
+                   if c.hook == "FORWARD")
+
+
+def test_conntrack_is_the_default() -> None:
     assert make_plan(parse_config(BASE, "t.conf"), (4,), "abc123", 2).datapath == "conntrack"

@@ -199,6 +199,7 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
     chains: list[Chain] = []
     conntrack = config.datapath == "conntrack"
     vips: dict[int, IPAddress] = {}
+    rips: dict[int, IPNetwork] = {}
     initial: list[tuple[int, int, IPAddress]] = []  # (family, index, address)
     for family in families:
         vip: IPAddress | None
@@ -227,10 +228,15 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
         chains.extend(_chains(family, tag, vip, rip, nameservers, queues, pub, config.fail_open,
                               conntrack))
         vips[family] = vip
+        rips[family] = rip
         indexes = backend_indexes(config, (family,))
         initial.extend((family, indexes[(str(vip), str(s.ip))], s.ip) for s in specs)
-    nft = nft_ruleset(tag, vips, initial, config.client_table_max) if conntrack else ()
-    recall = (nft_recall(tag, vips, int(config.client_timeout)) if conntrack else ())
+    if conntrack:
+        nft = nft_ruleset(tag, vips, initial, config.client_table_max)
+        recall = nft_recall(tag, vips, int(config.client_timeout))
+    else:
+        nft = nft_reply_ruleset(tag, vips, rips, config.nameservers, initial)
+        recall = ()
     return Plan(tag, families, queues, cores, tuple(addresses), tuple(routes),
                 tuple(dict.fromkeys(sysctls)), tuple(neighbours), tuple(chains),
                 config.datapath, nft, recall)
@@ -332,6 +338,102 @@ def nft_ruleset(tag: str, vips: dict[int, IPAddress],
         {"counter": {"map": {"key": ct_markkey, "data": "@counters"}}}]}}})
     for version, index, ip in backends:
         cmds.extend(nft_backend(tag, version, index, ip))
+    return tuple(cmds)
+
+
+_ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+_IP = {4: "ip", 6: "ip6"}
+_TCP_UDP = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                      "right": {"set": ["tcp", "udp"]}}}
+# Fragments stay with the workers: only a first fragment carries the L4 header
+# whose checksum covers the addresses, and the kernel refuses to fix it in any
+# other (a rule that mangles a later fragment fails and does nothing).
+_NOT_FRAGMENT = {
+    4: {"match": {"op": "==", "right": 0, "left": {
+        "&": [{"payload": {"protocol": "ip", "field": "frag-off"}}, 0x3FFF]}}},
+    6: {"match": {"op": "==", "left": {"exthdr": {"name": "frag"}}, "right": False}},
+}
+
+
+def reply_counters(version: int) -> str:
+    return f"reply_counters{version}"
+
+
+def nft_reply_backend(tag: str, version: int, index: int, ip: IPAddress
+                      ) -> list[dict[str, Any]]:
+    """Commands that count ``ip``'s replies, rewritten in the kernel, under its
+    mark's counter (the per-packet path's counterpart of ``nft_backend``)."""
+    t = {"family": "inet", "table": nft_table_name(tag)}
+    name = counter_name(ct_mark(version, index))
+    return [
+        {"add": {"counter": {**t, "name": name}}},
+        {"add": {"element": {**t, "name": reply_counters(version), "elem": [[str(ip), name]]}}},
+    ]
+
+
+def nft_reply_ruleset(tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNetwork],
+                      nameservers: tuple[IPAddress, ...],
+                      backends: list[tuple[int, int, IPAddress]]) -> tuple[dict[str, Any], ...]:
+    """The per-packet path's return half in the kernel: a TCP or UDP packet from the
+    real-server network gets its VIP as source (nftables fixes the IP and
+    transport checksums), so it never reaches a worker; the FORWARD queue rule,
+    which matches the real-server source, no longer sees it.
+
+    ======  ===================  ==================================================
+    chain   hook, priority       rules
+    ======  ===================  ==================================================
+    reply   forward, -10         DNS to a nameserver: unchanged (masqueraded
+                                 later); TCP/UDP, not a fragment, from a backend:
+                                 its counter (``@reply_counters4``/``6``: address
+                                 -> the backend's counter), source set from
+                                 ``@reply4``/``@reply6`` (real-server net ->
+                                 VIP); the same without the counter for the
+                                 net's other hosts
+    ======  ===================  ==================================================
+
+    It runs before iptables' filter FORWARD (priority 0). What it does not
+    rewrite (ICMP, whose errors quote the client's packet and need the inner
+    header changed too; fragments; what is too short to rewrite) keeps its
+    source and is queued as before.
+    """
+    name = nft_table_name(tag)
+    t = {"family": "inet", "table": name}
+    cmds: list[dict[str, Any]] = [{"add": {"table": {"family": "inet", "name": name}}}]
+    rules: list[list[dict[str, Any]]] = []
+    for version, vip in sorted(vips.items()):
+        ip, rip = _IP[version], rips[version]
+        saddr = {"payload": {"protocol": ip, "field": "saddr"}}
+        cmds.append({"add": {"map": {
+            **t, "name": f"reply{version}", "type": _ADDR_TYPE[version],
+            "map": _ADDR_TYPE[version], "flags": ["interval"],
+            "elem": [[{"prefix": {"addr": str(rip.network_address), "len": rip.prefixlen}},
+                      str(vip)]]}}})
+        cmds.append({"add": {"map": {**t, "name": reply_counters(version),
+                                     "type": _ADDR_TYPE[version], "map": "counter"}}})
+        dns = [str(ns) for ns in nameservers if ns.version == version]
+        if dns:
+            rules.append([
+                {"match": {"op": "==", "left": {"payload": {"protocol": ip, "field": "daddr"}},
+                           "right": {"set": dns}}},
+                _TCP_UDP,
+                {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
+                           "right": 53}},
+                {"return": None}])
+        rewrite = {"mangle": {"key": saddr, "value": {"map": {
+            "key": saddr, "data": f"@reply{version}"}}}}
+        # A backend's packet is counted and rewritten by the first rule; once
+        # its source is the VIP (never inside the real-server net: the config
+        # refuses that), the second rule's lookup misses and leaves it be.
+        rules.append([_TCP_UDP, _NOT_FRAGMENT[version],
+                      {"counter": {"map": {"key": saddr,
+                                           "data": f"@{reply_counters(version)}"}}},
+                      rewrite])
+        rules.append([_TCP_UDP, _NOT_FRAGMENT[version], rewrite])
+    cmds.append({"add": {"chain": {**t, "name": "reply", "type": "filter", "hook": "forward",
+                                   "prio": -10, "policy": "accept"}}})
+    cmds.extend({"add": {"rule": {**t, "chain": "reply", "expr": r}}} for r in rules)
+    for version, index, addr in backends:
+        cmds.extend(nft_reply_backend(tag, version, index, addr))
     return tuple(cmds)
 
 

@@ -11,7 +11,9 @@ Rules:
   workers (each worker owns a disjoint share of the clients), plus what workers
   that died had counted (``retired``), so that counters never go down. On the conntrack
   path the workers see first packets only, so packets and bytes come from the
-  kernel's counters of the backend's connections, both directions.
+  kernel's counters of the backend's connections, both directions
+  (``counters``). On the per-packet path the kernel rewrites most replies
+  itself and counts them (``reply_counters``), which add to the workers' counts.
 - State and weight come from the workers' pools (they all apply the same
   commands); a backend only the supervisor knows yet (just added) shows as its
   command says.
@@ -45,6 +47,7 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
                  retired: Mapping[tuple[str, str], Mapping[str, int]] | None = None,
                  client_table_max: int | None = None,
                  kernel_drops: Mapping[str, int] | None = None,
+                 reply_counters: Mapping[int, tuple[int, int]] | None = None,
                  ) -> dict[str, Any]:
     by_target = {(str(t.vip), str(t.ip)): t for t in health}
     services = []
@@ -78,6 +81,10 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
         for ip, agg in merged.items():
             if counters is not None and agg.get("mark") is not None:
                 agg["packets"], agg["bytes"] = counters.get(int(agg["mark"]), (0, 0))
+            if reply_counters is not None and agg.get("mark") is not None:
+                packets, nbytes = reply_counters.get(int(agg["mark"]), (0, 0))
+                agg["packets"] += packets
+                agg["bytes"] += nbytes
             target = (vip, ip)
             t = by_target.get(target)
             agg["admin"] = admin.get(target, "enabled")

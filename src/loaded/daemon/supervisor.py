@@ -218,7 +218,7 @@ class Supervisor:
         op = str(command["op"])
         if op == "add":
             command = dict(command, index=self.index_of(*key))
-            if self.conntrack:
+            if self.plan.nft:
                 ip = ipaddress.ip_address(key[1])
                 try:
                     self.kernel.map_backend(ip.version, int(str(command["index"])), ip)
@@ -433,6 +433,7 @@ class Supervisor:
             strategy=self.config.strategy, datapath=self.plan.datapath, workers=workers,
             health=health, admin=self.admin, transitions=self.transitions,
             counters=self._counters if self.conntrack else None,
+            reply_counters=None if self.conntrack else self._counters,
             kernel_queues={str(k): v for k, v in read_proc_stats().items()
                            if k in self.plan.queues},
             endpoints=endpoints, now_mono=now, now_wall=time.time(), extra_backends=extra,
@@ -719,9 +720,9 @@ class Supervisor:
     def write_stats(self) -> None:
         """The stats file, and the status snapshot the HTTP server's threads read,
         from one reading of the kernel's counters and queues."""
-        if self.conntrack:
+        if self.plan.nft:
             try:
-                self._counters, self._invalid = self.kernel.conntrack_counters()
+                self._counters, self._invalid = self.kernel.kernel_counters()
             except Exception as e:
                 log.warning("event=counters-unreadable error=%r", e)
         self._status = self.status()
@@ -797,12 +798,16 @@ class Supervisor:
 
 
 def _log_final(child: _Child) -> None:
+    """A stopped worker's totals, in the log: the stats file goes with the daemon."""
     last: dict[str, Any] = child.last
     drops = ",".join(f"{k}:{v}" for k, v in sorted(last.get("drops", {}).items())) or "-"
-    log.info("event=worker-stopped index=%d queue=%d pid=%s packets=%d dropped=%d drops=%s "
-             "cpu_seconds=%.2f restarts=%d", child.spec.index, child.spec.queue,
-             last.get("pid", "-"), int(last.get("packets", 0)), int(last.get("dropped", 0)),
-             drops, float(last.get("cpu_seconds", 0.0)), child.restarts)
+    log.info("event=worker-stopped index=%d queue=%d pid=%s packets=%d accepted=%d dropped=%d "
+             "drops=%s overruns=%d verdict_errors=%d cpu_seconds=%.2f restarts=%d",
+             child.spec.index, child.spec.queue, last.get("pid", "-"),
+             int(last.get("packets", 0)), int(last.get("accepted", 0)),
+             int(last.get("dropped", 0)), drops, int(last.get("overruns", 0)),
+             sum(last.get("verdict_errors", {}).values()),
+             float(last.get("cpu_seconds", 0.0)), child.restarts)
 
 
 def _status(status: int) -> str:

@@ -43,6 +43,7 @@ from loaded.core.plan import (
     Sysctl,
     counter_mark,
     nft_backend,
+    nft_reply_backend,
 )
 from loaded.core.pool import ct_mark_version
 from loaded.io.files import write_atomic
@@ -214,17 +215,24 @@ class Kernel:
             self._chain(c)
         self.unresolved = self.pin_neighbours(self.plan.neighbours)
 
-    # --- the conntrack data path at run time -------------------------------------
+    # --- the nftables table at run time ---------------------------------------------
+
+    @property
+    def _conntrack(self) -> bool:
+        return self.plan.datapath == "conntrack"
 
     def map_backend(self, version: int, index: int, ip: IPAddress) -> None:
-        """Make a backend added at run time a NAT target (the same mark again: no-op)."""
-        if self.plan.nft:
-            self.nft.run(nft_backend(self.plan.tag, version, index, ip))
+        """A backend added at run time: on the conntrack path a NAT target, on the
+        per-packet path its replies counted (the same mark again: no-op)."""
+        if not self.plan.nft:
+            return
+        make = nft_backend if self._conntrack else nft_reply_backend
+        self.nft.run(make(self.plan.tag, version, index, ip))
 
     def remember_clients(self, entries: Iterable[tuple[IPAddress, int]], timeout: int) -> None:
         """Tell the kernel which backend (mark) each client goes to, for its
         ``recall`` chain. A client already there with another mark is replaced."""
-        if not self.plan.nft:
+        if not self._conntrack:
             return
         table = self.plan.nft_table
         by_family: dict[int, list[list[Any]]] = {4: [], 6: []}
@@ -247,7 +255,7 @@ class Kernel:
 
     def recalled(self, ip: IPAddress) -> tuple[int, float | None] | None:
         """The kernel's memory of one client: (mark, seconds until it expires)."""
-        if not self.plan.nft:
+        if not self._conntrack:
             return None
         # nft 1.0.6 has no JSON "get element": the map is listed (a CLI lookup only).
         for key, value in self.nft.map_elements(self.plan.nft_table, f"clients{ip.version}"):
@@ -258,7 +266,7 @@ class Kernel:
 
     def forget_clients(self, mark: int) -> int:
         """Drop the kernel's memory of the clients of one backend (it went down)."""
-        if not self.plan.nft:
+        if not self._conntrack:
             return 0
         name = f"clients{ct_mark_version(mark)}"
         gone = [key["val"] for key, value in self.nft.map_elements(self.plan.nft_table, name)
@@ -283,9 +291,11 @@ class Kernel:
                         raise
         return n
 
-    def conntrack_counters(self) -> tuple[dict[int, tuple[int, int]], int]:
-        """Packets and bytes through each backend (by mark, both directions), and
-        the packets dropped as invalid: the table's counters, read at once."""
+    def kernel_counters(self) -> tuple[dict[int, tuple[int, int]], int]:
+        """Packets and bytes each backend's traffic took through the table (by
+        mark; conntrack path: both directions, per-packet path: the replies
+        rewritten in the kernel), and the packets dropped as invalid: the table's
+        counters, read at once."""
         if not self.plan.nft:
             return {}, 0
         backends: dict[int, tuple[int, int]] = {}

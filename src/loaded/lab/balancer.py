@@ -24,6 +24,26 @@ class BalancerError(RuntimeError):
     pass
 
 
+def final_workers(log: str) -> list[dict[str, Any]]:
+    """The ``event=worker-stopped`` lines of a daemon's log, as stats entries."""
+    out: list[dict[str, Any]] = []
+    for line in log.splitlines():
+        if "event=worker-stopped" not in line:
+            continue
+        f = dict(w.split("=", 1) for w in line.split() if "=" in w)
+        drops = {} if f["drops"] == "-" else {
+            k: int(v) for k, v in (d.split(":") for d in f["drops"].split(","))}
+        out.append({
+            "index": int(f["index"]), "queue": int(f["queue"]),
+            "pid": None if f["pid"] == "-" else int(f["pid"]),
+            "packets": int(f["packets"]), "accepted": int(f["accepted"]),
+            "dropped": int(f["dropped"]), "drops": drops, "overruns": int(f["overruns"]),
+            "verdict_errors": {"all": int(f["verdict_errors"])} if int(f["verdict_errors"])
+            else {}, "cpu_seconds": float(f["cpu_seconds"]), "restarts": int(f["restarts"]),
+            "alive": False})
+    return out
+
+
 class Balancer:
     """``loaded -D -c CONF [ARGS]`` in the lab's ``lb`` namespace."""
 
@@ -63,7 +83,14 @@ class Balancer:
         return self.log_path.read_text(errors="replace")
 
     def stats(self) -> Stats:
-        data: Stats = json.loads(self.stats_path.read_text())
+        """The daemon's stats file; once it has stopped (and removed the file),
+        the workers' totals from its ``worker-stopped`` log lines."""
+        try:
+            data: Stats = json.loads(self.stats_path.read_text())
+        except FileNotFoundError:
+            if self.proc is None or self.proc.poll() is None:
+                raise
+            return {"workers": final_workers(self.log)}
         return data
 
     def wait_stats(self, predicate: Callable[[Stats], bool], timeout: float = 6.0) -> Stats:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from loaded.core.config import STRATEGIES
 from loaded.lab import traffic
-from loaded.lab.balancer import Balancer, BalancerError
+from loaded.lab.balancer import Balancer, BalancerError, final_workers
 from loaded.lab.topology import Lab, LabError, sigterm_as_exit
 
 PORT = 8080
@@ -119,11 +119,8 @@ def exercise(lab: Lab, family: int, requests: int) -> int:
 
 
 def report_stats(log: str) -> None:
-    for line in log.splitlines():
-        if "event=worker-stopped" not in line:
-            continue
-        w = dict(f.split("=", 1) for f in line.split() if "=" in f)
-        drops = "" if w.get("drops", "-") == "-" else f" ({w['drops']})"
-        print(f"worker {w.get('index')} (queue {w.get('queue')}, pid {w.get('pid')}): "
-              f"{w.get('packets')} packets, {w.get('dropped')} dropped{drops}, "
-              f"{w.get('cpu_seconds')} s CPU")
+    for w in final_workers(log):
+        drops = f" ({w['drops']})" if w["drops"] else ""
+        print(f"worker {w['index']} (queue {w['queue']}, pid {w['pid']}): "
+              f"{w['packets']} packets, {w['dropped']} dropped{drops}, "
+              f"{w['cpu_seconds']:.2f} s CPU")

@@ -4,7 +4,9 @@
 
 TCP: reads one line. ``BULK <n>`` -> the line ``"<name> <client-ip>\\n"`` then
 n payload bytes; anything else -> that line only; then the connection closes.
-UDP: every datagram is answered with ``"<name> <client-ip>\\n"``.
+UDP: every datagram is answered with ``"<name> <client-ip>\\n"``; one that
+starts with ``ECHO`` gets the datagram itself after that line (a datagram
+larger than the path MTU tests fragments on the way back).
 Prints ``ready`` on stdout once both sockets listen; exits 0 on SIGTERM/SIGINT.
 """
 
@@ -96,7 +98,8 @@ class UDPEcho(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         if self.transport is not None:
-            self.transport.sendto(self.server.reply_line(addr), addr)
+            echo = data if data.startswith(b"ECHO") else b""
+            self.transport.sendto(self.server.reply_line(addr) + echo, addr)
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP errors for earlier replies: irrelevant to the next datagram

@@ -148,6 +148,17 @@ def udp_request(
     raise TimeoutError(f"no UDP reply from {dst}:{port}")
 
 
+def udp_exchange(src: str | None, dst: str, port: int, payload: bytes,
+                 timeout: float = DEFAULT_TIMEOUT, *, ns: str | None = None) -> bytes:
+    """One datagram out, the whole reply datagram back (``udp_request`` keeps only
+    its first line)."""
+    with _open(ns, src, dst, socket.SOCK_DGRAM) as sock:
+        sock.connect((dst, port))
+        sock.settimeout(timeout)
+        sock.send(payload)
+        return sock.recv(65536)
+
+
 @dataclass(frozen=True)
 class PingResult:
     transmitted: int
