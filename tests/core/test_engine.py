@@ -489,3 +489,23 @@ def test_one_worker_keeps_the_whole_bound() -> None:
     config = parse_config(CONFIG + "client_table_max=7\n", "test.conf")
     assert build_engine(config, now=0.0).services[0].table.max_size == 7
     assert build_engine(config, now=0.0, workers=3).services[0].table.max_size == 2
+
+
+@pytest.mark.parametrize("family,proto", [(4, 58), (6, 1)])
+def test_icmp_of_the_other_family_is_an_unsupported_protocol(family: int, proto: int) -> None:
+    """An echo request of ICMPv6 inside IPv4 (or of ICMP inside IPv6) was balanced
+    as an echo; it is no ICMP of its family (found by the fuzz campaign)."""
+    vip, clients_, backends, _ = addrs(family)
+    echo = bytes([128 if proto == 58 else 8, 0, 0, 0, 0, 1, 0, 1]) + b"ping"
+    pkt = (IP(src=clients_[0], dst=vip, proto=proto) if family == 4
+           else IPv6(src=clients_[0], dst=vip, nh=proto)) / Raw(echo)
+    e = engine()
+    for call in (e.handle, e.decide):
+        with pytest.raises(PacketError) as info:
+            call(raw(pkt), 1.0)
+        assert info.value.reason is Reason.UNSUPPORTED_PROTOCOL
+    back = (IP(src=backends[0], dst=clients_[0], proto=proto) if family == 4
+            else IPv6(src=backends[0], dst=clients_[0], nh=proto)) / Raw(echo)
+    with pytest.raises(PacketError) as info:
+        e.handle(raw(back), 1.0)
+    assert info.value.reason is Reason.UNSUPPORTED_PROTOCOL

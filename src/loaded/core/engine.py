@@ -367,7 +367,7 @@ class Engine:
             b = svc.unlisted
         else:
             delta = b.delta_out
-        if proto == ICMP or proto == ICMPV6:
+        if proto == (ICMP if p.version == 4 else ICMPV6):
             if p.first and p.is_icmp_error:
                 q = _checked_error(buf, p)
                 inner = svc.pool.by_addr(q.dst)
@@ -396,7 +396,9 @@ def _inbound_kind(p: Packet) -> str:
     later fragment), an ICMP error about a flow, or neighbour discovery for the
     balancer itself; anything else raises."""
     proto = p.proto
-    if proto == ICMP or proto == ICMPV6:
+    # ICMPv6 carried by IPv4 (or ICMP by IPv6) is no ICMP of that family: it
+    # falls to "unsupported protocol" like any other stranger.
+    if proto == (ICMP if p.version == 4 else ICMPV6):
         if p.first:
             t = p.icmp_type
             if p.is_icmp_error:
