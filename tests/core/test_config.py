@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -12,7 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loaded.core import config as config_module
 from loaded.core.config import (
+    KEY_TABLE,
     KEYS,
     STRATEGIES,
     BackendSpec,
@@ -1069,3 +1072,79 @@ def test_status_server_beyond_loopback_warns(listen: str, warned: bool) -> None:
 def test_line_of_names_the_line_of_a_key() -> None:
     c = parse(V4 + "\npersist_file=/var/tmp/t.json\n")
     assert c.line_of("persist_file") == 4 and c.line_of("control_socket") == 0
+
+
+# --------------------------------------------------------------------------
+# The table of keys: docs, defaults and parser agree with it
+
+_BOOKKEEPING = {"path", "warnings", "key_lines"}
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return f"{value[0]}:{value[1]}"
+    return str(value)
+
+
+def _documented_keys() -> list[str]:
+    """The keys the docstring's tables list, in order: a row starts ``name`` and two blanks."""
+    return re.findall(r"^``(\w+)``  +\S", config_module.__doc__ or "", re.MULTILINE)
+
+
+def test_every_key_is_documented_once_and_every_documented_key_is_in_the_table() -> None:
+    documented = _documented_keys()
+    assert sorted(documented) == sorted(KEYS)
+    assert len(documented) == len(set(documented))
+    assert "<keys:" not in (config_module.__doc__ or "")
+
+
+def test_docs_give_the_range_choices_and_default_of_each_key() -> None:
+    derived = {"check_port"}  # its default is port_alive's
+    for key in KEY_TABLE:
+        if isinstance(key.value, config_module._Int | config_module._Seconds):
+            assert str(key.value) in key.doc, key.name
+        if isinstance(key.value, config_module._Choice):
+            for choice in key.value.choices:
+                assert f"``{choice}``" in key.doc, (key.name, choice)
+        for name, default in key.defaults.items():
+            if default is None or default in ((), b"") or name in derived:
+                continue
+            assert _shown(default) in key.doc, (key.name, name, default)
+
+
+def test_the_table_sets_every_config_field_once() -> None:
+    set_by_keys = [f.name for k in KEY_TABLE for f in k.fields]
+    assert len(set_by_keys) == len(set(set_by_keys))
+    assert set(set_by_keys) | _BOOKKEEPING == {f.name for f in dataclasses.fields(Config)}
+    assert {k.name for k in KEY_TABLE if k.repeat} == {"server4", "server6", "NS",
+                                                       "private_GW"}
+
+
+def test_config_defaults_are_the_parsers() -> None:
+    # A file that sets only what it must gives Config's defaults everywhere else.
+    for text, set_here in ((V4, {"vip4", "servers4"}), (V6, {"vip6", "servers6"})):
+        c = parse(text)
+        d = Config(path="t.conf")
+        for f in dataclasses.fields(Config):
+            if f.name not in set_here | _BOOKKEEPING:
+                assert getattr(c, f.name) == getattr(d, f.name), f.name
+    for key in KEY_TABLE:
+        for name, default in key.defaults.items():
+            assert getattr(Config(path="x"), name) == default
+
+
+@pytest.mark.parametrize("key", [k for k in KEY_TABLE if k.value is not None],
+                         ids=lambda k: k.name)
+def test_a_key_read_by_its_row_takes_no_options(key: config_module.Key) -> None:
+    assert f"t.conf:1: error: {key.name}: takes no options, got 'x=y'" in errors(
+        f"{key.name}=1 x=y\n")
+
+
+@pytest.mark.parametrize("key", [k for k in KEY_TABLE if not k.repeat], ids=lambda k: k.name)
+def test_a_key_given_once_may_not_repeat(key: config_module.Key) -> None:
+    errs = errors(f"{key.name}=@\n{key.name}=@\n")
+    assert f"t.conf:2: error: {key.name} set twice, first on line 1" in errs

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loaded.core.clients import ClientTable
-from loaded.core.config import KEYS, BackendSpec, Config, parse_config
+from loaded.core.config import KEY_TABLE, KEYS, BackendSpec, Config, parse_config
 from loaded.core.engine import Engine, Service
 from loaded.core.pool import Pool, State
 from loaded.core.reload import (
@@ -252,3 +252,23 @@ def test_applying_the_plan_gives_the_merge_and_then_nothing_to_do(
     # Without runtime changes, running = old: a plain two-way diff.
     assert apply_to(old, diff_configs(a, b, (4,)).commands) == new
     assert not any(c.overrides_runtime for c in diff_configs(a, b, (4,)).changes)
+
+
+def test_settings_are_the_table_of_keys() -> None:
+    # Every field a key sets, in the table's order, with its row's reload rule.
+    rows = [(f, k) for k in KEY_TABLE for f in k.fields if f.name not in BACKEND_FIELDS]
+    assert list(SETTINGS) == [f.name for f, _ in rows]
+    for f, k in rows:
+        assert SETTINGS[f.name] == (f.spelled or k.name, f.family, k.reload.live,
+                                    k.reload.reason)
+        assert not k.reload.backends
+    assert BACKEND_FIELDS == ("servers4", "servers6")
+    # The rows a row-per-key table needs most care for.
+    assert SETTINGS["maglev_table_size"][:2] == ("table_size", 0)
+    assert SETTINGS["private_gw4"][:2] == ("private_GW", 4)
+    assert SETTINGS["private_gw6"][:2] == ("private_GW", 6)
+    assert SETTINGS["vip6_prefix"][:2] == ("VIP6net", 6)
+    # As the module docstring says: live are only on_backend_down and persist_*.
+    assert {k for k, (_, _, live, _) in SETTINGS.items() if live} == {
+        "on_backend_down", "persist_clients", "persist_max_age", "persist_file"}
+    assert all(reason for *_, reason in SETTINGS.values())

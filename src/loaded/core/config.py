@@ -42,82 +42,22 @@ carries them all (warnings included), each naming file, line and the bad value.
 Keys
 ====
 
+Every key is one row of ``KEY_TABLE`` (further down, with its rules): the
+``Config`` fields it sets, how its value is read and checked, whether it may
+be repeated, what a reload does when it changes, and its documentation, from
+which the tables here are made when the module is imported.
+
 Read by the original daemon:
 
-=================  ===========================================================
-key                value
-=================  ===========================================================
-``VIP4``           the IPv4 virtual address clients connect to
-``VIP6``           the IPv6 virtual address
-``server4``        an IPv4 backend; repeat the line for each one.
-                   Options: ``weight=0..65535`` (default 1; 0 takes no new
-                   clients), ``state=up|down|drain|draining`` (default up),
-                   ``check=icmp|tcp|http|https|udp|none`` (this backend's
-                   health check, default the global ``check``)
-``server6``        an IPv6 backend; same options
-``strategy``       ``rr`` (default), ``weighted``, ``wrr``, ``lc``, ``sh``,
-                   ``maglev``. Option, maglev only: ``table_size``, a prime
-                   in 7..1000003 (default 65537)
-``broadcast``      IPv4 address failover pings to discover hosts (default:
-                   the broadcast address of RIP4, when that is given)
-``port_alive``     the service port the health check probes, 1..65535 (80)
-``check_cycle``    seconds between two discoveries, 0 < s <= 86400 (30)
-``nfq_len``        NFQUEUE length in packets, 1..1048576 (4096)
-``failover``       the bare word, or ``failover=yes|no|1|0|true|false|on|off``
-                   (default off)
-=================  ===========================================================
+<keys: original>
 
 Used by the original only in its shell part; now checked as well:
 
-=================  ===========================================================
-``VIP4net``        prefix length of VIP4 on the public side, 0..32
-``VIP6net``        prefix length of VIP6, 0..128
-``NS``             nameserver (IPv4 or IPv6) whose DNS traffic is not balanced;
-                   may repeat
-``FIRST_CORE``     first core / NFQUEUE number, 0..65535 (0)
-``LAST_CORE``      last core / NFQUEUE number, FIRST_CORE..65535 (0)
-``RIP4``           the real-server network, e.g. ``198.19.0.0/24``; a bare
-                   address means /32; host bits set is an error
-``RIP6``           the same for IPv6 (a bare address means /128)
-``public_NIC``     interface facing the clients (Linux name rules: 1 to 15
-``private_NIC``    bytes, no ``/``, ``:`` or blanks, not ``.`` or ``..``)
-``private_GW``     the balancer's own address on the private side, the
-                   backends' default gateway; ``addr`` or ``addr/prefix``
-                   (the prefix is for ``ip addr add`` and is not kept); once per
-                   family
-=================  ===========================================================
+<keys: shell>
 
 New in this implementation:
 
-====================  ========================================================
-``client_timeout``    seconds a client stays in the client table after its
-                      last packet, 1..604800 (300)
-``client_table_max``  most clients remembered per VIP, over all workers
-                      (each holds an equal share, at least 2), 1..100000000
-                      (1000000); on the conntrack path also the size of the
-                      kernel's client map
-``datapath``          ``conntrack`` (default) or ``perpacket`` (see the README)
-``fail_open``         ``yes|no`` (no): whether the kernel lets packets through
-                      unbalanced when the daemon is dead or a queue is full
-``gso``               ``yes|no`` (yes): take GSO super-packets from the queue
-``control_socket``    path of the control socket (default
-                      ``/run/loaded/<instance tag>.sock``); absolute, not
-                      under /proc, /sys or /dev; what is there must be a
-                      socket or nothing (``--check`` looks)
-``control_group``     a group whose members may use the control socket
-                      (default: none, root only); a name or a number
-``status_listen``     ``host:port`` of the metrics and status page server
-                      (``127.0.0.1:9180``; IPv6 as ``[::1]:9180``), or ``off``;
-                      beyond loopback a warning (it has no authentication)
-``persist_clients``   ``yes|no`` (yes): save the client tables on a clean
-                      stop and restore them on the next start
-``persist_max_age``   seconds a saved table stays good, 1..604800 (600)
-``persist_file``      where the tables are saved (default
-                      ``/var/lib/loaded/<instance tag>.clients.json``);
-                      absolute, not under /proc, /sys or /dev; what is there
-                      must be a table loaded saved or nothing: the daemon
-                      never deletes or overwrites another file
-====================  ========================================================
+<keys: new>
 
 Health checks and failover
 ==========================
@@ -132,46 +72,7 @@ backend that is down needs ``rise`` successes in a row to come up, one that is
 up needs ``fall`` failures in a row to go down. Configured backends start up;
 hosts found by discovery start down.
 
-=====================  =======================================================
-``check``              ``tcp`` (default: connect to ``check_port``, the
-                       original's check), ``http``, ``https`` (GET
-                       ``http_path``, expect ``http_status``; no certificate
-                       verification), ``udp`` (see ``udp_payload``), ``icmp``
-                       (echo), ``none`` (never probed: always up)
-``check_port``         port of the tcp/http/https/udp check, 1..65535
-                       (default: ``port_alive``)
-``check_interval``     seconds between two probes of one backend,
-                       0 < s <= 3600 (2)
-``check_timeout``      seconds a probe may take, 0 < s <= ``check_interval``
-                       (1, or ``check_interval`` when that is shorter);
-                       a timeout above the interval is an error
-``rise``               successes in a row that bring a backend up, 1..100 (2)
-``fall``               failures in a row that take a backend down, 1..100 (3)
-``http_path``          path of the http/https check: starts with ``/``,
-                       printable ASCII without blanks, at most 1024 bytes (/)
-``http_status``        the status the http/https check expects, 100..599 (200)
-``udp_payload``        what the udp check sends: text (sent as UTF-8), or
-                       ``hex:`` and an even number of hex digits; at most
-                       1024 bytes. Given, only a reply counts as success.
-                       Not given (default): an empty datagram, and success
-                       unless an ICMP port unreachable comes back within
-                       ``check_timeout`` (no application protocol: silence
-                       is all a UDP service owes)
-``hotplug``            ``yes|no`` (no): whether a host that discovery finds
-                       in RIP4/RIP6, and that is not a backend, becomes one
-                       (once it passes ``rise`` checks); off, it is only
-                       logged. Needs the RIP network of every family with a
-                       VIP, ``private_NIC`` for IPv6, and a check other than
-                       ``none``
-``on_backend_down``    ``cut`` (default): the clients of a backend that went
-                       down move to others at once (their connections are
-                       reset by the new backend); ``keep``: they stay with it
-                       until it comes back or they go idle
-``no_backend``         when no backend is up: ``refuse`` (default), the packet
-                       goes to the balancer's own stack, which refuses it at
-                       once (TCP reset, ICMP port unreachable); ``drop``:
-                       silence, the client retries until it times out
-=====================  =======================================================
+<keys: health>
 
 Checks across lines
 ===================
@@ -200,9 +101,11 @@ import math
 import os
 import posixpath
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
 
 from loaded.core.errors import ConfigError, Problem
 from loaded.core.pool import MAX_WEIGHT, IPAddress, State
@@ -213,11 +116,15 @@ __all__ = [
     "CHECKS",
     "DATAPATHS",
     "KEYS",
+    "KEY_TABLE",
     "NO_BACKEND",
     "ON_BACKEND_DOWN",
     "STRATEGIES",
     "BackendSpec",
     "Config",
+    "Field",
+    "Key",
+    "Reload",
     "load_config",
     "parse_config",
 ]
@@ -300,7 +207,7 @@ class Config:
     check: str = "tcp"
     check_port: int = 80
     check_interval: float = 2.0
-    check_timeout: float = 1.0
+    check_timeout: float = DEFAULT_CHECK_TIMEOUT
     rise: int = 2
     fall: int = 3
     http_path: str = "/"
@@ -591,6 +498,355 @@ def _ifname(value: str) -> str:
 
 
 # --------------------------------------------------------------------------
+# Readers of the values the table's rows name: text -> value, or _Bad
+
+
+@dataclass(frozen=True)
+class _Int:
+    """A whole number in ``lo..hi``."""
+
+    lo: int
+    hi: int
+
+    def __call__(self, value: str) -> int:
+        return _int(value, self.lo, self.hi)
+
+    def __str__(self) -> str:
+        return f"{self.lo}..{self.hi}"
+
+
+@dataclass(frozen=True)
+class _Seconds:
+    """A number of seconds from ``lo`` (included or not) to ``hi``."""
+
+    lo: float
+    hi: float
+    lo_inclusive: bool = True
+
+    def __call__(self, value: str) -> float:
+        return _seconds(value, self.lo, self.hi, self.lo_inclusive)
+
+    def __str__(self) -> str:
+        if self.lo_inclusive:
+            return f"{self.lo:g}..{self.hi:g}"
+        return f"{self.lo:g} < s <= {self.hi:g}"
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """One of ``choices``; ``what`` names them in the message."""
+
+    choices: frozenset[str]
+    what: str
+
+    def __call__(self, value: str) -> str:
+        return _choice(value, self.choices, self.what)
+
+    def __str__(self) -> str:
+        return "|".join(sorted(self.choices))
+
+
+def _unicast(family: int) -> Callable[[str], IPAddress]:
+    """A VIP: a unicast address of ``family``."""
+
+    def read(value: str) -> IPAddress:
+        ip = _address(value, family)
+        _check_unicast(value, ip)
+        return ip
+
+    return read
+
+
+def _broadcast(value: str) -> IPv4Address:
+    ip = _address(value, 4)
+    if ip.is_unspecified or ip.is_loopback or ip.is_multicast:
+        raise _Bad(f"{_q(value)} cannot be a broadcast address")
+    assert isinstance(ip, IPv4Address)
+    return ip
+
+
+def _group(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}", value):
+        raise _Bad(f"{_q(value)} is not a group name or number")
+    return value
+
+
+def _http_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise _Bad(f"{_q(path)} does not start with '/'")
+    # The path goes into the request line as it is: a blank or a control
+    # character would end it or smuggle a header in.
+    if not all("!" <= c <= "~" for c in path):
+        raise _Bad(f"{_q(path)} holds a blank, a control or a non-ASCII character "
+                   f"(write it percent-encoded)")
+    if len(path) > MAX_HTTP_PATH:
+        raise _Bad(f"{_q(path)} is longer than {MAX_HTTP_PATH} bytes")
+    return path
+
+
+def _udp_payload(value: str) -> bytes:
+    if value.startswith("hex:"):
+        digits = value[4:]
+        if not digits or len(digits) % 2 or not re.fullmatch(r"[0-9A-Fa-f]+", digits):
+            raise _Bad(f"{_q(value)}: after 'hex:' an even number of hex digits, "
+                       f"at least two")
+        payload = bytes.fromhex(digits)
+    else:
+        payload = value.encode("utf-8", "surrogateescape")
+    if len(payload) > MAX_UDP_PAYLOAD:
+        raise _Bad(f"{_q(value)} is longer than {MAX_UDP_PAYLOAD} bytes")
+    return payload
+
+
+# --------------------------------------------------------------------------
+# The keys: one table
+#
+# Rules of the table:
+#
+# - One row per key, in the order of the docstring's tables (its ``group``
+#   says which) and of a reload's list of changed settings.
+# - ``field``: the ``Config`` field the key sets (``family`` says whether it
+#   concerns one address family), or a tuple of ``Field`` when it sets more
+#   than one. Its default is ``Config``'s, the only place defaults are written;
+#   the parser starts from it.
+# - ``value`` reads and checks the text after ``key=`` (raising ``_Bad``, whose
+#   text follows ``key: `` in the message); such a key takes no options. None:
+#   the key needs more than a row can say (options, once per family,
+#   duplicates, backend lists) and ``_Parser.handlers`` names its handler.
+# - ``repeat``: ONCE, a second line is an error; MANY, the key may repeat
+#   (its handler decides what a repetition means).
+# - ``reload``: whether a running daemon follows a change (``live``) or the
+#   change needs a restart, and why (``loaded.core.reload.SETTINGS`` is made
+#   from it); the backend lists are reloaded by pool commands instead.
+# - ``doc``: the text of the docstring's table. Its range and choices must be
+#   those of ``value``, and its default ``Config``'s (a test checks).
+#
+# Cross-line checks (``_Parser.cross_check``) and the bare ``failover`` word
+# (``_Parser._other``) are not rows: they are written out in the parser.
+# Adding a key: a row, a ``Config`` field with its default, and its use.
+
+
+@dataclass(frozen=True)
+class Field:
+    """A ``Config`` field that a key sets."""
+
+    name: str
+    family: int = 0  # 4 or 6: the field concerns that address family only
+    spelled: str = ""  # the option that sets it, when not the key itself
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What a running daemon does when the key changes (see ``loaded.core.reload``)."""
+
+    live: bool  # it follows the new value; else the change waits for a restart
+    reason: str
+    backends: bool = False  # a backend list: pool commands, not a setting
+
+
+_VIP_SETUP = Reload(False, "the VIP is set up at start (address, firewall rules, client tables)")
+_KERNEL_SETUP = Reload(False, "the kernel set-up (addresses, routes, firewall rules) is made "
+                              "at start")
+_QUEUE_SETUP = Reload(False, "the queues and their workers are set up at start")
+_HEALTH_SETUP = Reload(False, "health checks and discovery are set up at start")
+_TABLE_SETUP = Reload(False, "every worker builds its strategy and client tables at start")
+_PATH_SETUP = Reload(False, "the data path (queues, firewall rules, NAT) is chosen at start")
+_WORKER_SETUP = Reload(False, "the workers read it at start")
+_SOCKET_SETUP = Reload(False, "the control socket is opened at start")
+_STATUS_SETUP = Reload(False, "the status server is started at start")
+_NEXT_START = Reload(True, "applies at the next stop and start")
+_FROM_NOW = Reload(True, "applies to backends that go down from now on")
+_POOLS = Reload(True, "the running pools follow the file by pool commands", backends=True)
+
+# Key.group: which of the docstring's tables lists the key.
+_ORIGINAL, _SHELL, _NEW, _HEALTH = "original", "shell", "new", "health"
+# Key.repeat
+ONCE, MANY = False, True
+
+
+@dataclass(frozen=True)
+class Key:
+    """One row of ``KEY_TABLE``: a key of the file and all that follows from it."""
+
+    name: str  # as the file spells it
+    field: str | tuple[Field, ...]  # the Config field(s) it sets
+    value: Callable[[str], object] | None  # None: a handler in _Parser.handlers
+    repeat: bool  # ONCE or MANY
+    reload: Reload
+    group: str  # the docstring table that lists it
+    doc: str
+    family: int = 0  # of ``field``, when that is one name
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        if isinstance(self.field, str):
+            return (Field(self.field, self.family),)
+        return self.field
+
+    @property
+    def defaults(self) -> dict[str, object]:
+        """Each field's default, which is ``Config``'s."""
+        return {f.name: _CONFIG_DEFAULTS[f.name] for f in self.fields}
+
+
+_CONFIG_DEFAULTS: dict[str, object] = {
+    f.name: f.default for f in dataclasses.fields(Config)
+    if f.default is not dataclasses.MISSING}
+
+KEY_TABLE: tuple[Key, ...] = (
+    # Key(name, field, value, repeat, reload, group, doc, family=0)
+    Key("VIP4", "vip4", _unicast(4), ONCE, _VIP_SETUP, _ORIGINAL,
+        "the IPv4 virtual address clients connect to", family=4),
+    Key("VIP4net", "vip4_prefix", _Int(0, 32), ONCE, _KERNEL_SETUP, _SHELL,
+        "prefix length of VIP4 on the public side, 0..32", family=4),
+    Key("VIP6", "vip6", _unicast(6), ONCE, _VIP_SETUP, _ORIGINAL,
+        "the IPv6 virtual address", family=6),
+    Key("VIP6net", "vip6_prefix", _Int(0, 128), ONCE, _KERNEL_SETUP, _SHELL,
+        "prefix length of VIP6, 0..128", family=6),
+    Key("server4", "servers4", None, MANY, _POOLS, _ORIGINAL,
+        f"an IPv4 backend; repeat the line for each one. Options: "
+        f"``weight=0..{MAX_WEIGHT}`` (default 1; 0 takes no new clients), "
+        f"``state=up|down|drain|draining`` (default up), "
+        f"``check=icmp|tcp|http|https|udp|none`` (this backend's health check, "
+        f"default the global ``check``)", family=4),
+    Key("server6", "servers6", None, MANY, _POOLS, _ORIGINAL,
+        "an IPv6 backend; same options", family=6),
+    Key("strategy", (Field("strategy"), Field("maglev_table_size", spelled="table_size")),
+        None, ONCE, _TABLE_SETUP, _ORIGINAL,
+        f"``rr`` (default), ``weighted``, ``wrr``, ``lc``, ``sh``, ``maglev``. Option, "
+        f"maglev only: ``table_size``, a prime in {MAGLEV_MIN_TABLE}..{MAGLEV_MAX_TABLE} "
+        f"(default {MAGLEV_DEFAULT_TABLE})"),
+    Key("broadcast", "broadcast", _broadcast, ONCE, _HEALTH_SETUP, _ORIGINAL,
+        "IPv4 address failover pings to discover hosts (default: the broadcast "
+        "address of RIP4, when that is given)", family=4),
+    Key("port_alive", "port_alive", _Int(1, 65535), ONCE, _HEALTH_SETUP, _ORIGINAL,
+        "the service port the health check probes, 1..65535 (80)"),
+    Key("check_cycle", "check_cycle", _Seconds(0.0, MAX_CHECK_CYCLE, lo_inclusive=False),
+        ONCE, _HEALTH_SETUP, _ORIGINAL,
+        "seconds between two discoveries, 0 < s <= 86400 (30)"),
+    Key("nfq_len", "nfq_len", _Int(1, MAX_NFQ_LEN), ONCE, _QUEUE_SETUP, _ORIGINAL,
+        "NFQUEUE length in packets, 1..1048576 (4096)"),
+    Key("failover", "failover", _bool, ONCE, _HEALTH_SETUP, _ORIGINAL,
+        "the bare word, or ``failover=yes|no|1|0|true|false|on|off`` (default off)"),
+    Key("NS", "nameservers", None, MANY, _KERNEL_SETUP, _SHELL,
+        "nameserver (IPv4 or IPv6) whose DNS traffic is not balanced; may repeat"),
+    Key("FIRST_CORE", "first_core", _Int(0, MAX_QUEUE), ONCE, _QUEUE_SETUP, _SHELL,
+        "first core / NFQUEUE number, 0..65535 (0)"),
+    Key("LAST_CORE", "last_core", _Int(0, MAX_QUEUE), ONCE, _QUEUE_SETUP, _SHELL,
+        "last core / NFQUEUE number, 0..65535 and at least FIRST_CORE (0)"),
+    Key("RIP4", "rip4", lambda value: _network(value, 4), ONCE, _KERNEL_SETUP, _SHELL,
+        "the real-server network, e.g. ``198.19.0.0/24``; a bare address means /32; "
+        "host bits set is an error", family=4),
+    Key("RIP6", "rip6", lambda value: _network(value, 6), ONCE, _KERNEL_SETUP, _SHELL,
+        "the same for IPv6 (a bare address means /128)", family=6),
+    Key("public_NIC", "public_nic", _ifname, ONCE, _KERNEL_SETUP, _SHELL,
+        f"interface facing the clients (Linux name rules: 1 to {IFNAMSIZ - 1} bytes, "
+        f"no ``/``, ``:`` or blanks, not ``.`` or ``..``)"),
+    Key("private_NIC", "private_nic", _ifname, ONCE, _KERNEL_SETUP, _SHELL,
+        "interface facing the backends (the same rules)"),
+    Key("private_GW", (Field("private_gw4", 4), Field("private_gw6", 6)), None, MANY,
+        _KERNEL_SETUP, _SHELL,
+        "the balancer's own address on the private side, the backends' default "
+        "gateway; ``addr`` or ``addr/prefix`` (the prefix is for ``ip addr add`` and "
+        "is not kept); once per family"),
+    Key("client_timeout", "client_timeout", _Seconds(1.0, MAX_CLIENT_TIMEOUT), ONCE,
+        _TABLE_SETUP, _NEW,
+        "seconds a client stays in the client table after its last packet, "
+        "1..604800 (300)"),
+    Key("client_table_max", "client_table_max", _Int(1, MAX_CLIENT_TABLE), ONCE,
+        _TABLE_SETUP, _NEW,
+        "most clients remembered per VIP, over all workers (each holds an equal "
+        "share, at least 2), 1..100000000 (1000000); on the conntrack path also the "
+        "size of the kernel's client map"),
+    Key("datapath", "datapath", _Choice(DATAPATHS, "datapath"), ONCE, _PATH_SETUP, _NEW,
+        "``conntrack`` (default) or ``perpacket`` (see the README)"),
+    Key("fail_open", "fail_open", _bool, ONCE, _QUEUE_SETUP, _NEW,
+        "``yes|no`` (no): whether the kernel lets packets through unbalanced when the "
+        "daemon is dead or a queue is full"),
+    Key("gso", "gso", _bool, ONCE, _QUEUE_SETUP, _NEW,
+        "``yes|no`` (yes): take GSO super-packets from the queue"),
+    Key("check", "check", _Choice(CHECKS, "check"), ONCE, _HEALTH_SETUP, _HEALTH,
+        "``tcp`` (default: connect to ``check_port``, the original's check), "
+        "``http``, ``https`` (GET ``http_path``, expect ``http_status``; no "
+        "certificate verification), ``udp`` (see ``udp_payload``), ``icmp`` (echo), "
+        "``none`` (never probed: always up)"),
+    Key("check_port", "check_port", _Int(1, 65535), ONCE, _HEALTH_SETUP, _HEALTH,
+        "port of the tcp/http/https/udp check, 1..65535 (default: ``port_alive``)"),
+    Key("check_interval", "check_interval",
+        _Seconds(0.0, MAX_CHECK_INTERVAL, lo_inclusive=False), ONCE, _HEALTH_SETUP, _HEALTH,
+        "seconds between two probes of one backend, 0 < s <= 3600 (2)"),
+    Key("check_timeout", "check_timeout",
+        _Seconds(0.0, MAX_CHECK_INTERVAL, lo_inclusive=False), ONCE, _HEALTH_SETUP, _HEALTH,
+        "seconds a probe may take, 0 < s <= 3600 and at most ``check_interval`` (1, "
+        "or ``check_interval`` when that is shorter); a timeout above the interval is "
+        "an error"),
+    Key("rise", "rise", _Int(1, MAX_RISE_FALL), ONCE, _HEALTH_SETUP, _HEALTH,
+        "successes in a row that bring a backend up, 1..100 (2)"),
+    Key("fall", "fall", _Int(1, MAX_RISE_FALL), ONCE, _HEALTH_SETUP, _HEALTH,
+        "failures in a row that take a backend down, 1..100 (3)"),
+    Key("http_path", "http_path", _http_path, ONCE, _HEALTH_SETUP, _HEALTH,
+        f"path of the http/https check: starts with ``/``, printable ASCII without "
+        f"blanks, at most {MAX_HTTP_PATH} bytes (/)"),
+    Key("http_status", "http_status", _Int(100, 599), ONCE, _HEALTH_SETUP, _HEALTH,
+        "the status the http/https check expects, 100..599 (200)"),
+    Key("udp_payload", "udp_payload", _udp_payload, ONCE, _HEALTH_SETUP, _HEALTH,
+        f"what the udp check sends: text (sent as UTF-8), or ``hex:`` and an even "
+        f"number of hex digits; at most {MAX_UDP_PAYLOAD} bytes. Given, only a reply "
+        f"counts as success. Not given (default): an empty datagram, and success "
+        f"unless an ICMP port unreachable comes back within ``check_timeout`` (no "
+        f"application protocol: silence is all a UDP service owes)"),
+    Key("hotplug", "hotplug", _bool, ONCE, _HEALTH_SETUP, _HEALTH,
+        "``yes|no`` (no): whether a host that discovery finds in RIP4/RIP6, and that "
+        "is not a backend, becomes one (once it passes ``rise`` checks); off, it is "
+        "only logged. Needs the RIP network of every family with a VIP, "
+        "``private_NIC`` for IPv6, and a check other than ``none``"),
+    Key("on_backend_down", "on_backend_down", _Choice(ON_BACKEND_DOWN, "on_backend_down value"),
+        ONCE, _FROM_NOW, _HEALTH,
+        "``cut`` (default): the clients of a backend that went down move to others at "
+        "once (their connections are reset by the new backend); ``keep``: they stay "
+        "with it until it comes back or they go idle"),
+    Key("no_backend", "no_backend", _Choice(NO_BACKEND, "no_backend value"), ONCE,
+        _WORKER_SETUP, _HEALTH,
+        "when no backend is up: ``refuse`` (default), the packet goes to the "
+        "balancer's own stack, which refuses it at once (TCP reset, ICMP port "
+        "unreachable); ``drop``: silence, the client retries until it times out"),
+    Key("control_socket", "control_socket", _abspath, ONCE, _SOCKET_SETUP, _NEW,
+        "path of the control socket (default ``/run/loaded/<instance tag>.sock``); "
+        "absolute, not under /proc, /sys or /dev; what is there must be a socket or "
+        "nothing (``--check`` looks)"),
+    Key("control_group", "control_group", _group, ONCE, _SOCKET_SETUP, _NEW,
+        "a group whose members may use the control socket (default: none, root "
+        "only); a name or a number"),
+    Key("status_listen", "status_listen", _listen, ONCE, _STATUS_SETUP, _NEW,
+        "``host:port`` of the metrics and status page server (``127.0.0.1:9180``; "
+        "IPv6 as ``[::1]:9180``), or ``off``; beyond loopback a warning (it has no "
+        "authentication)"),
+    Key("persist_clients", "persist_clients", _bool, ONCE, _NEXT_START, _NEW,
+        "``yes|no`` (yes): save the client tables on a clean stop and restore them on "
+        "the next start"),
+    Key("persist_max_age", "persist_max_age", _Seconds(1.0, MAX_CLIENT_TIMEOUT), ONCE,
+        _NEXT_START, _NEW,
+        "seconds a saved table stays good, 1..604800 (600)"),
+    Key("persist_file", "persist_file", _abspath, ONCE, _NEXT_START, _NEW,
+        "where the tables are saved (default "
+        "``/var/lib/loaded/<instance tag>.clients.json``); absolute, not under /proc, "
+        "/sys or /dev; what is there must be a table loaded saved or nothing: the "
+        "daemon never deletes or overwrites another file"),
+)
+
+_BY_NAME: dict[str, Key] = {k.name: k for k in KEY_TABLE}
+assert len(_BY_NAME) == len(KEY_TABLE), "a key has two rows"
+KEYS: frozenset[str] = frozenset(_BY_NAME)
+# Keys that may be given once. private_GW is once per family, checked apart.
+_SINGLE = frozenset(k.name for k in KEY_TABLE if not k.repeat)
+# Keys that configure checks: without failover they do nothing, which a
+# warning says.
+_HEALTH_KEYS = tuple(k.name for k in KEY_TABLE if k.group == _HEALTH)
+_SERVER_OPTIONS = ("check", "state", "weight")
+_FAMILY_KEY = {"server4": 4, "server6": 6}
+
+
+# --------------------------------------------------------------------------
 # The parser
 
 
@@ -602,123 +858,35 @@ class _Line:
     options: tuple[tuple[str, str], ...]
 
 
-# Keys that configure checks: without failover they do nothing, which a
-# warning says.
-_HEALTH_KEYS = (
-    "check", "check_port", "check_interval", "check_timeout", "rise", "fall",
-    "http_path", "http_status", "udp_payload", "hotplug", "on_backend_down",
-    "no_backend",
-)
-# Keys that may be given once. private_GW is once per family, checked apart.
-_SINGLE = frozenset({
-    "VIP4", "VIP6", "strategy", "broadcast", "port_alive", "check_cycle", "nfq_len",
-    "failover", "VIP4net", "VIP6net", "FIRST_CORE", "LAST_CORE", "RIP4", "RIP6",
-    "public_NIC", "private_NIC", "client_timeout", "client_table_max", "datapath",
-    "fail_open", "gso", "control_socket", "control_group", "status_listen",
-    "persist_clients", "persist_max_age", "persist_file",
-    *_HEALTH_KEYS,
-})
-_MULTI = frozenset({"server4", "server6", "NS", "private_GW"})
-KEYS: frozenset[str] = _SINGLE | _MULTI
-_SERVER_OPTIONS = ("check", "state", "weight")
-_FAMILY_KEY = {"server4": 4, "server6": 6}
-
-
 class _Parser:
     def __init__(self, path: str) -> None:
         self.path = path
         self.problems: list[Problem] = []
         self.first_line: dict[str, int] = {}  # key -> line it was first set on
         self.crlf_warned = False
-
-        self.vip4: IPv4Address | None = None
-        self.vip4_prefix: int | None = None
-        self.vip6: IPv6Address | None = None
-        self.vip6_prefix: int | None = None
+        # Config field -> value: Config's defaults, then what the file sets.
+        self.values: dict[str, Any] = {
+            f.name: _CONFIG_DEFAULTS[f.name] for k in KEY_TABLE for f in k.fields}
+        self.given: set[str] = set()  # the fields a valid line set
+        # What the keys that a row cannot express keep.
         self.servers: dict[int, list[BackendSpec]] = {4: [], 6: []}
         self.server_lines: dict[int, list[int]] = {4: [], 6: []}  # even invalid ones
-        self.strategy = "rr"
-        self.table_size = MAGLEV_DEFAULT_TABLE
-        self.broadcast: IPv4Address | None = None
-        self.port_alive = 80
-        self.check_cycle = 30.0
-        self.nfq_len = 4096
-        self.failover = False
-        self.nameservers: list[tuple[IPAddress, int]] = []
-        self.first_core = 0
-        self.last_core = 0
-        self.rip4: IPv4Network | None = None
-        self.rip6: IPv6Network | None = None
-        self.public_nic: str | None = None
-        self.private_nic: str | None = None
-        self.private_gw4: IPv4Address | None = None
-        self.private_gw6: IPv6Address | None = None
-        self.gw_lines: dict[int, int] = {}
-        self.client_timeout = 300.0
-        self.client_table_max = 1_000_000
-        self.datapath = "conntrack"
-        self.fail_open = False
-        self.gso = True
-        self.control_socket: str | None = None
-        self.control_group: str | None = None
-        self.status_listen: tuple[str, int] | None = ("127.0.0.1", 9180)
-        self.persist_clients = True
-        self.persist_max_age = 600.0
-        self.persist_file: str | None = None
-        self.check = "tcp"
-        self.check_port: int | None = None  # None: port_alive
-        self.check_interval = 2.0
-        self.check_timeout: float | None = None  # None: DEFAULT_CHECK_TIMEOUT or less
-        self.rise = 2
-        self.fall = 3
-        self.http_path = "/"
-        self.http_status = 200
-        self.udp_payload = b""
-        self.hotplug = False
-        self.on_backend_down = "cut"
-        self.no_backend = "refuse"
         self.server_check_lines: list[int] = []
+        self.nameservers: list[tuple[IPAddress, int]] = []
+        self.gw_lines: dict[int, int] = {}
 
+        # The keys whose row has no value reader.
         self.handlers: dict[str, Callable[[_Line], None]] = {
-            "VIP4": self._vip, "VIP6": self._vip,
             "server4": self._server, "server6": self._server,
             "strategy": self._strategy,
-            "broadcast": self._broadcast,
-            "port_alive": self._port_alive,
-            "check_cycle": self._check_cycle,
-            "nfq_len": self._nfq_len,
-            "failover": self._failover,
-            "VIP4net": self._vip_prefix, "VIP6net": self._vip_prefix,
             "NS": self._ns,
-            "FIRST_CORE": self._core, "LAST_CORE": self._core,
-            "RIP4": self._rip, "RIP6": self._rip,
-            "public_NIC": self._nic, "private_NIC": self._nic,
             "private_GW": self._private_gw,
-            "client_timeout": self._client_timeout,
-            "client_table_max": self._client_table_max,
-            "datapath": self._datapath,
-            "fail_open": self._fail_open,
-            "gso": self._gso,
-            "control_socket": self._control_socket,
-            "control_group": self._control_group,
-            "status_listen": self._status_listen,
-            "persist_clients": self._persist_clients,
-            "persist_max_age": self._persist_max_age,
-            "persist_file": self._persist_file,
-            "check": self._check,
-            "check_port": self._check_port,
-            "check_interval": self._check_seconds,
-            "check_timeout": self._check_seconds,
-            "rise": self._rise_fall,
-            "fall": self._rise_fall,
-            "http_path": self._http_path,
-            "http_status": self._http_status,
-            "udp_payload": self._udp_payload,
-            "hotplug": self._hotplug,
-            "on_backend_down": self._on_backend_down,
-            "no_backend": self._no_backend,
         }
-        assert set(self.handlers) == KEYS
+        assert set(self.handlers) == {k.name for k in KEY_TABLE if k.value is None}
+
+    def set(self, field: str, value: object) -> None:
+        self.values[field] = value
+        self.given.add(field)
 
     # -- reporting
 
@@ -766,7 +934,7 @@ class _Parser:
             if parsed is None:
                 continue
             try:
-                self.handlers[key](parsed)
+                self._read(parsed)
             except _Bad as e:
                 self.error(no, f"{key}: {e}")
 
@@ -825,7 +993,7 @@ class _Parser:
                 self.error(no, f"failover set twice, first on line {first}")
                 return
             self.first_line["failover"] = no
-            self.failover = True
+            self.set("failover", True)
             return
         m = _SPACED_ASSIGN.match(line)
         if m and m.group(1) in KEYS:
@@ -848,15 +1016,16 @@ class _Parser:
 
     # -- keys
 
-    def _vip(self, ln: _Line) -> None:
+    def _read(self, ln: _Line) -> None:
+        handler = self.handlers.get(ln.key)
+        if handler is not None:
+            handler(ln)
+            return
+        key = _BY_NAME[ln.key]
+        assert key.value is not None
         self._no_options(ln)
-        family = 4 if ln.key == "VIP4" else 6
-        ip = _address(ln.value, family)
-        _check_unicast(ln.value, ip)
-        if isinstance(ip, IPv4Address):
-            self.vip4 = ip
-        else:
-            self.vip6 = ip
+        (field,) = key.fields
+        self.set(field.name, key.value(ln.value))
 
     def _server(self, ln: _Line) -> None:
         family = _FAMILY_KEY[ln.key]
@@ -894,11 +1063,12 @@ class _Parser:
             self.servers[family].append(BackendSpec(ip, weight, state, ln.no, check))
 
     def _strategy(self, ln: _Line) -> None:
-        self.strategy = _choice(ln.value, STRATEGIES, "strategy")
-        if self.strategy != "maglev":
+        strategy = _choice(ln.value, STRATEGIES, "strategy")
+        self.set("strategy", strategy)
+        if strategy != "maglev":
             for name, val in ln.options:
                 extra = " (only maglev has one)" if name == "table_size" else ""
-                self.error(ln.no, f"strategy: {self.strategy} takes no option "
+                self.error(ln.no, f"strategy: {strategy} takes no option "
                                   f"'{name}={val}'{extra}")
             return
         for name, val in ln.options:
@@ -913,38 +1083,7 @@ class _Parser:
             except _Bad as e:
                 self.error(ln.no, f"strategy: table_size: {e}")
             else:
-                self.table_size = size
-
-    def _broadcast(self, ln: _Line) -> None:
-        self._no_options(ln)
-        ip = _address(ln.value, 4)
-        if ip.is_unspecified or ip.is_loopback or ip.is_multicast:
-            raise _Bad(f"{_q(ln.value)} cannot be a broadcast address")
-        assert isinstance(ip, IPv4Address)
-        self.broadcast = ip
-
-    def _port_alive(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.port_alive = _int(ln.value, 1, 65535)
-
-    def _check_cycle(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.check_cycle = _seconds(ln.value, 0.0, MAX_CHECK_CYCLE, lo_inclusive=False)
-
-    def _nfq_len(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.nfq_len = _int(ln.value, 1, MAX_NFQ_LEN)
-
-    def _failover(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.failover = _bool(ln.value)
-
-    def _vip_prefix(self, ln: _Line) -> None:
-        self._no_options(ln)
-        if ln.key == "VIP4net":
-            self.vip4_prefix = _int(ln.value, 0, 32)
-        else:
-            self.vip6_prefix = _int(ln.value, 0, 128)
+                self.set("maglev_table_size", size)
 
     def _ns(self, ln: _Line) -> None:
         self._no_options(ln)
@@ -956,30 +1095,6 @@ class _Parser:
                 self.warn(ln.no, f"NS: {ip} listed twice, first on line {first}")
                 return
         self.nameservers.append((ip, ln.no))
-
-    def _core(self, ln: _Line) -> None:
-        self._no_options(ln)
-        n = _int(ln.value, 0, MAX_QUEUE)
-        if ln.key == "FIRST_CORE":
-            self.first_core = n
-        else:
-            self.last_core = n
-
-    def _rip(self, ln: _Line) -> None:
-        self._no_options(ln)
-        net = _network(ln.value, 4 if ln.key == "RIP4" else 6)
-        if isinstance(net, IPv4Network):
-            self.rip4 = net
-        else:
-            self.rip6 = net
-
-    def _nic(self, ln: _Line) -> None:
-        self._no_options(ln)
-        name = _ifname(ln.value)
-        if ln.key == "public_NIC":
-            self.public_nic = name
-        else:
-            self.private_nic = name
 
     def _private_gw(self, ln: _Line) -> None:
         self._no_options(ln)
@@ -995,132 +1110,14 @@ class _Parser:
         if first is not None:
             raise _Bad(f"IPv{ip.version} address set twice, first on line {first}")
         self.gw_lines[ip.version] = ln.no
-        if isinstance(ip, IPv4Address):
-            self.private_gw4 = ip
-        else:
-            self.private_gw6 = ip
-
-    def _client_timeout(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.client_timeout = _seconds(ln.value, 1.0, MAX_CLIENT_TIMEOUT)
-
-    def _client_table_max(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.client_table_max = _int(ln.value, 1, MAX_CLIENT_TABLE)
-
-    def _datapath(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.datapath = _choice(ln.value, DATAPATHS, "datapath")
-
-    def _fail_open(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.fail_open = _bool(ln.value)
-
-    def _gso(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.gso = _bool(ln.value)
-
-    def _control_socket(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.control_socket = _abspath(ln.value)
-
-    def _control_group(self, ln: _Line) -> None:
-        self._no_options(ln)
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}", ln.value):
-            raise _Bad(f"{_q(ln.value)} is not a group name or number")
-        self.control_group = ln.value
-
-    def _status_listen(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.status_listen = _listen(ln.value)
-
-    def _persist_clients(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.persist_clients = _bool(ln.value)
-
-    def _persist_max_age(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.persist_max_age = _seconds(ln.value, 1.0, MAX_CLIENT_TIMEOUT)
-
-    def _persist_file(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.persist_file = _abspath(ln.value)
-
-    def _check(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.check = _choice(ln.value, CHECKS, "check")
-
-    def _check_port(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.check_port = _int(ln.value, 1, 65535)
-
-    def _check_seconds(self, ln: _Line) -> None:
-        self._no_options(ln)
-        s = _seconds(ln.value, 0.0, MAX_CHECK_INTERVAL, lo_inclusive=False)
-        if ln.key == "check_interval":
-            self.check_interval = s
-        else:
-            self.check_timeout = s
-
-    def _rise_fall(self, ln: _Line) -> None:
-        self._no_options(ln)
-        n = _int(ln.value, 1, MAX_RISE_FALL)
-        if ln.key == "rise":
-            self.rise = n
-        else:
-            self.fall = n
-
-    def _http_path(self, ln: _Line) -> None:
-        self._no_options(ln)
-        path = ln.value
-        if not path.startswith("/"):
-            raise _Bad(f"{_q(path)} does not start with '/'")
-        # The path goes into the request line as it is: a blank or a control
-        # character would end it or smuggle a header in.
-        if not all("!" <= c <= "~" for c in path):
-            raise _Bad(f"{_q(path)} holds a blank, a control or a non-ASCII character "
-                       f"(write it percent-encoded)")
-        if len(path) > MAX_HTTP_PATH:
-            raise _Bad(f"{_q(path)} is longer than {MAX_HTTP_PATH} bytes")
-        self.http_path = path
-
-    def _http_status(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.http_status = _int(ln.value, 100, 599)
-
-    def _udp_payload(self, ln: _Line) -> None:
-        self._no_options(ln)
-        value = ln.value
-        if value.startswith("hex:"):
-            digits = value[4:]
-            if not digits or len(digits) % 2 or not re.fullmatch(r"[0-9A-Fa-f]+", digits):
-                raise _Bad(f"{_q(value)}: after 'hex:' an even number of hex digits, "
-                           f"at least two")
-            payload = bytes.fromhex(digits)
-        else:
-            payload = value.encode("utf-8", "surrogateescape")
-        if len(payload) > MAX_UDP_PAYLOAD:
-            raise _Bad(f"{_q(value)} is longer than {MAX_UDP_PAYLOAD} bytes")
-        self.udp_payload = payload
-
-    def _hotplug(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.hotplug = _bool(ln.value)
-
-    def _on_backend_down(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.on_backend_down = _choice(ln.value, ON_BACKEND_DOWN, "on_backend_down value")
-
-    def _no_backend(self, ln: _Line) -> None:
-        self._no_options(ln)
-        self.no_backend = _choice(ln.value, NO_BACKEND, "no_backend value")
+        self.set(f"private_gw{ip.version}", ip)
 
     # -- checks across lines
 
-    def cross_check(self) -> None:
-        vips: dict[int, IPAddress | None] = {4: self.vip4, 6: self.vip6}
-        rips: dict[int, IPv4Network | IPv6Network | None] = {4: self.rip4, 6: self.rip6}
-        gws: dict[int, IPAddress | None] = {4: self.private_gw4, 6: self.private_gw6}
+    def cross_check(self, c: Config) -> None:
+        vips: dict[int, IPAddress | None] = {4: c.vip4, 6: c.vip6}
+        rips: dict[int, IPv4Network | IPv6Network | None] = {4: c.rip4, 6: c.rip6}
+        gws: dict[int, IPAddress | None] = {4: c.private_gw4, 6: c.private_gw6}
         if not any(f"VIP{f}" in self.first_line for f in (4, 6)):
             self.error(0, "no VIP4 or VIP6 set: nothing to balance")
         for f in (4, 6):
@@ -1164,25 +1161,25 @@ class _Parser:
             prefix_line = self.first_line.get(f"VIP{f}net")
             if prefix_line is not None and vip_line is None:
                 self.warn(prefix_line, f"VIP{f}net is set but VIP{f} is not")
-        if (self.broadcast is not None and self.rip4 is not None
-                and self.broadcast not in self.rip4
-                and self.broadcast != IPv4Address("255.255.255.255")):
+        if (c.broadcast is not None and c.rip4 is not None
+                and c.broadcast not in c.rip4
+                and c.broadcast != IPv4Address("255.255.255.255")):
             self.warn(self.first_line["broadcast"],
-                      f"broadcast: {self.broadcast} is outside RIP4 {self.rip4}, so the "
+                      f"broadcast: {c.broadcast} is outside RIP4 {c.rip4}, so the "
                       f"failover check will not reach the backends")
-        self.check_daemon_files()
-        if self.first_core > self.last_core:
+        self.check_daemon_files(c)
+        if c.first_core > c.last_core:
             line = self.first_line.get("LAST_CORE") or self.first_line.get("FIRST_CORE", 0)
-            self.error(line, f"FIRST_CORE {self.first_core} is greater than LAST_CORE "
-                             f"{self.last_core}")
-        self.check_health(vips, rips)
+            self.error(line, f"FIRST_CORE {c.first_core} is greater than LAST_CORE "
+                             f"{c.last_core}")
+        self.check_health(c, vips, rips)
 
-    def check_daemon_files(self) -> None:
-        if (self.persist_file is not None and self.persist_file == self.control_socket):
+    def check_daemon_files(self, c: Config) -> None:
+        if c.persist_file is not None and c.persist_file == c.control_socket:
             self.error(self.first_line["persist_file"],
-                       f"persist_file: {self.persist_file} is also the control_socket "
+                       f"persist_file: {c.persist_file} is also the control_socket "
                        f"(line {self.first_line['control_socket']})")
-        listen = self.status_listen
+        listen = c.status_listen
         if listen is not None and "status_listen" in self.first_line:
             host = listen[0]
             if not ipaddress.ip_address(host).is_loopback:
@@ -1193,19 +1190,16 @@ class _Parser:
                           f"listen on 127.0.0.1 behind an authenticating proxy, or "
                           f"firewall the port")
 
-    def check_health(self, vips: dict[int, IPAddress | None],
+    def check_health(self, c: Config, vips: dict[int, IPAddress | None],
                      rips: dict[int, IPv4Network | IPv6Network | None]) -> None:
         timeout_line = self.first_line.get("check_timeout")
-        if self.check_timeout is None:
-            # An interval below the default timeout needs no second key.
-            self.check_timeout = min(DEFAULT_CHECK_TIMEOUT, self.check_interval)
-        elif self.check_timeout > self.check_interval:
+        if "check_timeout" in self.given and c.check_timeout > c.check_interval:
             self.error(timeout_line or 0,
-                       f"check_timeout {self.check_timeout:g} is longer than "
-                       f"check_interval {self.check_interval:g}: a probe must end "
+                       f"check_timeout {c.check_timeout:g} is longer than "
+                       f"check_interval {c.check_interval:g}: a probe must end "
                        f"before the next one starts")
         given = [k for k in _HEALTH_KEYS if k in self.first_line]
-        if not self.failover:
+        if not c.failover:
             lines = [self.first_line[k] for k in given] + self.server_check_lines
             if lines:
                 names = given + (["check= on server lines"] if self.server_check_lines
@@ -1214,75 +1208,36 @@ class _Parser:
                                       f"(add a line 'failover')")
             return
         hotplug_line = self.first_line.get("hotplug", 0)
-        if self.hotplug and self.check == "none":
+        if c.hotplug and c.check == "none":
             self.error(hotplug_line, "hotplug=yes needs a check: with check=none a "
                                      "discovered host could never come up")
-        if self.hotplug:
+        if c.hotplug:
             for f in (4, 6):
                 if vips[f] is not None and rips[f] is None:
                     self.error(hotplug_line, f"hotplug=yes needs RIP{f}: only hosts "
                                              f"inside the real-server network are added")
-            if vips[6] is not None and self.private_nic is None:
+            if vips[6] is not None and c.private_nic is None:
                 self.error(hotplug_line, "hotplug=yes needs private_NIC: IPv6 discovery "
                                          "pings all nodes on that link")
 
     def result(self) -> Config:
-        self.cross_check()
+        values = dict(self.values)
+        values["servers4"], values["servers6"] = tuple(self.servers[4]), tuple(self.servers[6])
+        values["nameservers"] = tuple(ip for ip, _ in self.nameservers)
+        # Defaults that follow other keys.
+        if "check_port" not in self.given:
+            values["check_port"] = values["port_alive"]
+        if "check_timeout" not in self.given:
+            # An interval below the default timeout needs no second key.
+            values["check_timeout"] = min(DEFAULT_CHECK_TIMEOUT, values["check_interval"])
+        config = Config(path=self.path, **values)
+        self.cross_check(config)
         # Whole-file problems (line 0) go last, after those with a place.
         problems = sorted(self.problems, key=lambda p: (p.line == 0, p.line))
         if any(p.severity == "error" for p in problems):
             raise ConfigError(problems)
-        return Config(
-            path=self.path,
-            vip4=self.vip4,
-            vip4_prefix=self.vip4_prefix,
-            vip6=self.vip6,
-            vip6_prefix=self.vip6_prefix,
-            servers4=tuple(self.servers[4]),
-            servers6=tuple(self.servers[6]),
-            strategy=self.strategy,
-            maglev_table_size=self.table_size,
-            broadcast=self.broadcast,
-            port_alive=self.port_alive,
-            check_cycle=self.check_cycle,
-            nfq_len=self.nfq_len,
-            failover=self.failover,
-            nameservers=tuple(ip for ip, _ in self.nameservers),
-            first_core=self.first_core,
-            last_core=self.last_core,
-            rip4=self.rip4,
-            rip6=self.rip6,
-            public_nic=self.public_nic,
-            private_nic=self.private_nic,
-            private_gw4=self.private_gw4,
-            private_gw6=self.private_gw6,
-            client_timeout=self.client_timeout,
-            client_table_max=self.client_table_max,
-            datapath=self.datapath,
-            fail_open=self.fail_open,
-            gso=self.gso,
-            control_socket=self.control_socket,
-            control_group=self.control_group,
-            status_listen=self.status_listen,
-            persist_clients=self.persist_clients,
-            persist_max_age=self.persist_max_age,
-            persist_file=self.persist_file,
-            check=self.check,
-            check_port=self.port_alive if self.check_port is None else self.check_port,
-            check_interval=self.check_interval,
-            check_timeout=(DEFAULT_CHECK_TIMEOUT if self.check_timeout is None
-                           else self.check_timeout),
-            rise=self.rise,
-            fall=self.fall,
-            http_path=self.http_path,
-            http_status=self.http_status,
-            udp_payload=self.udp_payload,
-            hotplug=self.hotplug,
-            on_backend_down=self.on_backend_down,
-            no_backend=self.no_backend,
-            warnings=tuple(problems),
-            key_lines=tuple(self.first_line.items()),
-        )
+        return dataclasses.replace(config, warnings=tuple(problems),
+                                   key_lines=tuple(self.first_line.items()))
 
 
 def _suggest(key: str) -> str:
@@ -1315,3 +1270,37 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([Problem(
             name, line, f"not valid UTF-8 (byte 0x{data[e.start]:02x})")]) from e
     return parse_config(text, name)
+
+
+# --------------------------------------------------------------------------
+# The docstring's tables of keys, made from KEY_TABLE
+
+_DOC_WIDTH = 79
+
+
+def _doc_table(group: str) -> str:
+    """The reStructuredText table of the keys of ``group``, as the docstring shows it."""
+    rows = [k for k in KEY_TABLE if k.group == group]
+    names = [f"``{k.name}``" for k in rows]
+    width = max(len(n) for n in names) + 2
+    rule = "=" * (width - 2) + "  " + "=" * (_DOC_WIDTH - width)
+    lines = [rule, "key".ljust(width) + "value", rule]
+    for name, key in zip(names, rows, strict=True):
+        text = textwrap.wrap(key.doc, _DOC_WIDTH - width, break_long_words=False,
+                             break_on_hyphens=False)
+        lines.append(name.ljust(width) + text[0])
+        lines += [" " * width + t for t in text[1:]]
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def _document(doc: str) -> str:
+    for group in (_ORIGINAL, _SHELL, _NEW, _HEALTH):
+        marker = f"<keys: {group}>"
+        assert doc.count(marker) == 1, marker
+        doc = doc.replace(marker, _doc_table(group))
+    return doc
+
+
+if __doc__:  # None under python -OO
+    __doc__ = _document(__doc__)

@@ -61,9 +61,11 @@ Rules
   checks, set up at start: a change of it needs a restart too. A change of the
   order of the backends kept is a note: ``sh`` and ``maglev`` tables depend on
   pool order, and reloaded pools keep their order (added ones go last).
-- The reasons for each setting are the ``SETTINGS`` table below; a test
-  checks that every field of ``Config`` is either there, a backend list, or
-  neither compared nor applied (``path``, ``warnings``).
+- The reasons for each setting are the ``SETTINGS`` table below, made from
+  the table of keys in ``loaded.core.config`` (each row says whether its key
+  is live and why); a test checks that every field of ``Config`` is either
+  there, a backend list, or neither compared nor applied (``path``,
+  ``warnings``, ``key_lines``).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from loaded.core.config import BackendSpec, Config
+from loaded.core.config import KEY_TABLE, BackendSpec, Config
 from loaded.core.pool import IPAddress, State
 
 __all__ = [
@@ -88,64 +90,20 @@ __all__ = [
 # VIP -> backend address -> (weight, state); addresses in any form ipaddress reads.
 Running = Mapping[str, Mapping[str, tuple[int, State | str]]]
 
-_VIP_REASON = "the VIP is set up at start (address, firewall rules, client tables)"
-_KERNEL_REASON = "the kernel set-up (addresses, routes, firewall rules) is made at start"
-_QUEUE_REASON = "the queues and their workers are set up at start"
-_HEALTH_REASON = "health checks and discovery are set up at start"
-_TABLE_REASON = "every worker builds its strategy and client tables at start"
-
-# Config field -> (the key as the file spells it, family or 0, live, reason).
+# Config field -> (the key as the file spells it, family or 0, live, reason), made
+# from the table of keys (``loaded.core.config.KEY_TABLE``): every field a key sets
+# but the backend lists, which pool commands reload.
 SETTINGS: dict[str, tuple[str, int, bool, str]] = {
-    "vip4": ("VIP4", 4, False, _VIP_REASON),
-    "vip4_prefix": ("VIP4net", 4, False, _KERNEL_REASON),
-    "vip6": ("VIP6", 6, False, _VIP_REASON),
-    "vip6_prefix": ("VIP6net", 6, False, _KERNEL_REASON),
-    "strategy": ("strategy", 0, False, _TABLE_REASON),
-    "maglev_table_size": ("table_size", 0, False, _TABLE_REASON),
-    "broadcast": ("broadcast", 4, False, _HEALTH_REASON),
-    "port_alive": ("port_alive", 0, False, _HEALTH_REASON),
-    "check_cycle": ("check_cycle", 0, False, _HEALTH_REASON),
-    "nfq_len": ("nfq_len", 0, False, _QUEUE_REASON),
-    "failover": ("failover", 0, False, _HEALTH_REASON),
-    "nameservers": ("NS", 0, False, _KERNEL_REASON),
-    "first_core": ("FIRST_CORE", 0, False, _QUEUE_REASON),
-    "last_core": ("LAST_CORE", 0, False, _QUEUE_REASON),
-    "rip4": ("RIP4", 4, False, _KERNEL_REASON),
-    "rip6": ("RIP6", 6, False, _KERNEL_REASON),
-    "public_nic": ("public_NIC", 0, False, _KERNEL_REASON),
-    "private_nic": ("private_NIC", 0, False, _KERNEL_REASON),
-    "private_gw4": ("private_GW", 4, False, _KERNEL_REASON),
-    "private_gw6": ("private_GW", 6, False, _KERNEL_REASON),
-    "client_timeout": ("client_timeout", 0, False, _TABLE_REASON),
-    "client_table_max": ("client_table_max", 0, False, _TABLE_REASON),
-    "datapath": ("datapath", 0, False,
-                 "the data path (queues, firewall rules, NAT) is chosen at start"),
-    "fail_open": ("fail_open", 0, False, _QUEUE_REASON),
-    "gso": ("gso", 0, False, _QUEUE_REASON),
-    "check": ("check", 0, False, _HEALTH_REASON),
-    "check_port": ("check_port", 0, False, _HEALTH_REASON),
-    "check_interval": ("check_interval", 0, False, _HEALTH_REASON),
-    "check_timeout": ("check_timeout", 0, False, _HEALTH_REASON),
-    "rise": ("rise", 0, False, _HEALTH_REASON),
-    "fall": ("fall", 0, False, _HEALTH_REASON),
-    "http_path": ("http_path", 0, False, _HEALTH_REASON),
-    "http_status": ("http_status", 0, False, _HEALTH_REASON),
-    "udp_payload": ("udp_payload", 0, False, _HEALTH_REASON),
-    "hotplug": ("hotplug", 0, False, _HEALTH_REASON),
-    "on_backend_down": ("on_backend_down", 0, True,
-                        "applies to backends that go down from now on"),
-    "no_backend": ("no_backend", 0, False, "the workers read it at start"),
-    "control_socket": ("control_socket", 0, False, "the control socket is opened at start"),
-    "control_group": ("control_group", 0, False, "the control socket is opened at start"),
-    "status_listen": ("status_listen", 0, False, "the status server is started at start"),
-    "persist_clients": ("persist_clients", 0, True, "applies at the next stop and start"),
-    "persist_max_age": ("persist_max_age", 0, True, "applies at the next stop and start"),
-    "persist_file": ("persist_file", 0, True, "applies at the next stop and start"),
-}
+    f.name: (f.spelled or k.name, f.family, k.reload.live, k.reload.reason)
+    for k in KEY_TABLE if not k.reload.backends for f in k.fields}
 
 # Fields that are not settings: the backend lists (commands) and bookkeeping.
-BACKEND_FIELDS = ("servers4", "servers6")
+BACKEND_FIELDS = tuple(f.name for k in KEY_TABLE if k.reload.backends for f in k.fields)
 IGNORED_FIELDS = ("path", "warnings", "key_lines")
+
+# Why a change of a backend's check= option waits for a restart: the health
+# keys' reason.
+_HEALTH_REASON = SETTINGS["check"][3]
 
 _STATE_ORDER = {State.UP: 0, State.DRAINING: 1, State.DOWN: 2}
 
