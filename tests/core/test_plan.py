@@ -163,15 +163,20 @@ def test_conntrack_path_nft_table() -> None:
     assert mangle.rules[0] == ("-m", "mark", "--mark", "0x4c428000/0xffff8000", "-j", "RETURN")
 
 
-def test_per_packet_plan_rewrites_replies_in_the_kernel() -> None:
+def test_per_packet_plan_rewrites_in_the_kernel() -> None:
     p = plan("NS=198.18.5.53\n")
     assert p.datapath == "perpacket" and p.nft_text == ()
     chains = {cmd["add"]["chain"]["name"]: cmd["add"]["chain"] for cmd in p.nft
               if "chain" in cmd.get("add", {})}
-    # before iptables' filter FORWARD (0), whose queue rule matches the backends'
-    # source: a rewritten reply is no longer queued
+    # steer after the mangle chain (-150) that queues; reply before iptables'
+    # filter FORWARD (0), whose queue rule matches the backends' source: a
+    # rewritten reply is no longer queued
     assert {n: (c["type"], c["hook"], c["prio"]) for n, c in chains.items()} == {
-        "reply": ("filter", "forward", -10)}
+        "steer": ("filter", "prerouting", -140), "reply": ("filter", "forward", -10)}
+    steer = _rules(p, "steer")
+    assert [r[0]["match"]["right"] for r in steer] == ["198.18.1.100", "2001:db8:1::100"]
+    assert steer[1][1]["match"]["right"] == {"prefix": {"addr": 0x4C428000, "len": 17}}
+    assert steer[1][3]["mangle"]["value"]["map"]["data"] == "@backends6"
     maps = {cmd["add"]["map"]["name"]: cmd["add"]["map"] for cmd in p.nft
             if "map" in cmd.get("add", {})}
     assert maps["reply4"]["elem"] == [[{"prefix": {"addr": "198.19.0.0", "len": 24}},
@@ -193,8 +198,11 @@ def test_per_packet_plan_rewrites_replies_in_the_kernel() -> None:
     assert rules[3][1]["match"]["left"] == {"exthdr": {"name": "frag"}}
     elements = [cmd["add"]["element"] for cmd in p.nft if "element" in cmd.get("add", {})]
     assert [(e["name"], e["elem"][0]) for e in elements] == [
+        ("backends4", [0x4C420000, "198.19.0.11"]),
         ("reply_counters4", ["198.19.0.11", "backend_4c420000"]),
+        ("backends4", [0x4C420001, "198.19.0.12"]),
         ("reply_counters4", ["198.19.0.12", "backend_4c420001"]),
+        ("backends6", [0x4C428000, "2001:db8:2::11"]),
         ("reply_counters6", ["2001:db8:2::11", "backend_4c428000"])]
     assert not any(c.table == "filter" and "-s" not in c.jump_match for c in p.chains
                    if c.hook == "FORWARD")

@@ -1,5 +1,7 @@
-"""The return half: on the per-packet path the kernel rewrites the backends' TCP
-and UDP replies itself; only what it cannot rewrite (ICMP, fragments) reaches a
+"""The per-packet path's rewrites in the kernel: a worker decides every packet to
+the VIP, but answers a plain TCP or UDP one with its backend's mark, which the
+kernel turns into the destination; the backends' TCP and UDP replies never reach
+a worker. What the kernel cannot rewrite (ICMP, fragments) is rewritten by a
 worker. Both data paths must get every case right."""
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ def queued(d: Daemon) -> int:
     return sum(int(w.get("packets", 0)) for w in d.stats()["workers"])
 
 
-def reply_counters(lab: Lab, d: Daemon) -> int:
+def counters(lab: Lab, d: Daemon) -> dict[str, int]:
     out = lab.run("lb", ["nft", "-j", "list", "counters", "table", "inet", f"loaded_{d.tag}"],
                   check=True).stdout
-    return sum(int(i["counter"]["packets"]) for i in json.loads(out)["nftables"]
-               if "counter" in i and i["counter"]["name"].startswith("backend_"))
+    return {i["counter"]["name"]: int(i["counter"]["packets"])
+            for i in json.loads(out)["nftables"] if "counter" in i}
+
+
+def reply_counters(lab: Lab, d: Daemon) -> int:
+    return sum(v for k, v in counters(lab, d).items() if k.startswith("backend_"))
 
 
 def settled(d: Daemon, predicate: Any) -> int:
@@ -42,18 +48,22 @@ def test_replies_are_rewritten_in_the_kernel(lab: Lab, daemon_factory: Any, fami
     client = (lab.clients4 if family == 4 else lab.clients6)[2]
     vip = lab.vip4 if family == 4 else lab.vip6
     before_q, before_k = queued(d), reply_counters(lab, d)
+    before_s = counters(lab, d)["steered"]
     n = 10
     for _ in range(n):
         _, seen = traffic.udp_request(client, vip, PORT, timeout=5, attempts=1,
                                       ns=lab.ns("cl")).split()
         assert seen == client
-    # the requests went through a worker, the replies did not
+    # the requests went through a worker, which answered with the backend's mark
+    # (the kernel rewrote them); the replies did not
     assert settled(d, lambda q: q >= before_q + n) == before_q + n
+    assert counters(lab, d)["steered"] == before_s + n
     assert reply_counters(lab, d) == before_k + n
     # ICMP replies still go to the worker (an error quotes the client's packet)
     result = traffic.ping(lab.ns("cl"), client, vip, count=3, interval=0.05)
     assert result.ok, result.output
     assert settled(d, lambda q: q >= before_q + n + 6) == before_q + n + 6
+    assert counters(lab, d)["steered"] == before_s + n  # echo requests: rewritten by it
     # the status adds the kernel's count to the workers' (read once a second)
     def through_backends() -> int:
         return sum(b["packets"] for s in d.control("status")["services"]

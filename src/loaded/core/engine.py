@@ -273,6 +273,51 @@ class Engine:
                                     return b
         return self.handle_general(buf, now, partial)
 
+    def steer(self, buf: Buf, now: float) -> Backend | None:
+        """The per-packet path's common case, decided without a rewrite: a TCP or UDP
+        packet to a VIP, not a fragment, with a sane header (the shapes ``handle``'s
+        fast path takes). Returns its backend, chosen and counted exactly as
+        ``handle`` would; the kernel then sets the destination from the backend's
+        mark and fixes the checksums (any checksum state, a GSO packet's too), so
+        the payload need not come back from user space. None: anything else,
+        which ``handle`` must rewrite (ICMP, fragments, options or extension
+        headers, the return path, garbage with its precise error)."""
+        n = len(buf)
+        if n < 28:  # IPv4 + UDP headers
+            return None
+        b0 = buf[0]
+        if b0 == 0x45:
+            proto = buf[9]
+            if (proto != TCP and proto != UDP) or buf[6] & 0x3F or buf[7]:
+                return None
+            total = (buf[2] << 8) | buf[3]
+            if total > n:
+                return None
+            if proto == TCP:
+                if not (total >= 40 and 20 <= (buf[32] >> 4) << 2 <= total - 20):
+                    return None
+            elif not 8 <= ((buf[24] << 8) | buf[25]) <= total - 20:
+                return None
+            src, dst = _ADDR4(buf, 12)
+            svc = self._vip4.get(dst)
+            return None if svc is None else self._chosen(svc, src, n, now)
+        if b0 >> 4 == 6 and n >= 48:
+            proto = buf[6]
+            if proto != TCP and proto != UDP:
+                return None
+            plen = (buf[4] << 8) | buf[5]
+            if plen + 40 > n:
+                return None
+            if proto == TCP:
+                if not (plen >= 20 and 20 <= (buf[52] >> 4) << 2 <= plen):
+                    return None
+            elif not 8 <= ((buf[44] << 8) | buf[45]) <= plen:
+                return None
+            src, dst = _ADDR6(buf, 8)
+            svc = self._vip6.get(dst)
+            return None if svc is None else self._chosen(svc, src, n, now)
+        return None
+
     # --- the conntrack data path --------------------------------------------------
 
     def decide(self, buf: Buf, now: float) -> Backend | None:

@@ -235,7 +235,7 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
         nft = nft_ruleset(tag, vips, initial, config.client_table_max)
         recall = nft_recall(tag, vips, int(config.client_timeout))
     else:
-        nft = nft_reply_ruleset(tag, vips, rips, config.nameservers, initial)
+        nft = nft_perpacket_ruleset(tag, vips, rips, config.nameservers, initial)
         recall = ()
     return Plan(tag, families, queues, cores, tuple(addresses), tuple(routes),
                 tuple(dict.fromkeys(sysctls)), tuple(neighbours), tuple(chains),
@@ -359,29 +359,34 @@ def reply_counters(version: int) -> str:
     return f"reply_counters{version}"
 
 
-def nft_reply_backend(tag: str, version: int, index: int, ip: IPAddress
-                      ) -> list[dict[str, Any]]:
-    """Commands that count ``ip``'s replies, rewritten in the kernel, under its
-    mark's counter (the per-packet path's counterpart of ``nft_backend``)."""
+def nft_perpacket_backend(tag: str, version: int, index: int, ip: IPAddress
+                          ) -> list[dict[str, Any]]:
+    """Commands that make ``ip`` the destination of its mark and count its replies,
+    rewritten in the kernel, under that mark's counter (the per-packet path's
+    counterpart of ``nft_backend``)."""
     t = {"family": "inet", "table": nft_table_name(tag)}
-    name = counter_name(ct_mark(version, index))
+    mark = ct_mark(version, index)
+    name = counter_name(mark)
     return [
         {"add": {"counter": {**t, "name": name}}},
+        {"add": {"element": {**t, "name": f"backends{version}", "elem": [[mark, str(ip)]]}}},
         {"add": {"element": {**t, "name": reply_counters(version), "elem": [[str(ip), name]]}}},
     ]
 
 
-def nft_reply_ruleset(tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNetwork],
-                      nameservers: tuple[IPAddress, ...],
-                      backends: list[tuple[int, int, IPAddress]]) -> tuple[dict[str, Any], ...]:
-    """The per-packet path's return half in the kernel: a TCP or UDP packet from the
-    real-server network gets its VIP as source (nftables fixes the IP and
-    transport checksums), so it never reaches a worker; the FORWARD queue rule,
-    which matches the real-server source, no longer sees it.
+def nft_perpacket_ruleset(tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNetwork],
+                          nameservers: tuple[IPAddress, ...],
+                          backends: list[tuple[int, int, IPAddress]]
+                          ) -> tuple[dict[str, Any], ...]:
+    """The per-packet path's rewrites that the kernel does for the workers.
 
     ======  ===================  ==================================================
     chain   hook, priority       rules
     ======  ===================  ==================================================
+    steer   prerouting, -140     to a VIP with a backend's mark (the worker's
+                                 verdict for a plain TCP or UDP packet): counted
+                                 (``steered``), the destination from
+                                 ``@backends4``/``@backends6`` (mark -> address)
     reply   forward, -10         DNS to a nameserver: unchanged (masqueraded
                                  later); TCP/UDP, not a fragment, from a backend:
                                  its counter (``@reply_counters4``/``6``: address
@@ -391,18 +396,37 @@ def nft_reply_ruleset(tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNe
                                  net's other hosts
     ======  ===================  ==================================================
 
-    It runs before iptables' filter FORWARD (priority 0). What it does not
-    rewrite (ICMP, whose errors quote the client's packet and need the inner
-    header changed too; fragments; what is too short to rewrite) keeps its
-    source and is queued as before.
+    ``steer`` runs after the mangle chain (-150) that queued the packet: the
+    worker decided, the kernel rewrites (nftables fixes the IP and transport
+    checksums, a partial checksum too), so the payload never comes back from
+    user space. What a worker rewrites itself (ICMP, fragments, IPv4 options,
+    IPv6 extension headers) comes back without a backend's mark and passes.
+
+    ``reply`` runs before iptables' filter FORWARD (priority 0), whose queue rule
+    matches the real-server source: a reply it rewrote is no longer queued. What
+    it does not rewrite (ICMP, whose errors quote the client's packet and need
+    the inner header changed too; fragments; what is too short to rewrite)
+    keeps its source and is queued as before.
     """
     name = nft_table_name(tag)
     t = {"family": "inet", "table": name}
-    cmds: list[dict[str, Any]] = [{"add": {"table": {"family": "inet", "name": name}}}]
+    meta_mark = {"meta": {"key": "mark"}}
+    cmds: list[dict[str, Any]] = [{"add": {"table": {"family": "inet", "name": name}}},
+                                  {"add": {"counter": {**t, "name": "steered"}}}]
+    steer: list[list[dict[str, Any]]] = []
     rules: list[list[dict[str, Any]]] = []
     for version, vip in sorted(vips.items()):
         ip, rip = _IP[version], rips[version]
         saddr = {"payload": {"protocol": ip, "field": "saddr"}}
+        daddr = {"payload": {"protocol": ip, "field": "daddr"}}
+        cmds.append({"add": {"map": {**t, "name": f"backends{version}", "type": "mark",
+                                     "map": _ADDR_TYPE[version]}}})
+        steer.append([
+            {"match": {"op": "==", "left": daddr, "right": str(vip)}},
+            _mark_match(meta_mark, version),
+            {"counter": "steered"},
+            {"mangle": {"key": daddr, "value": {"map": {
+                "key": meta_mark, "data": f"@backends{version}"}}}}])
         cmds.append({"add": {"map": {
             **t, "name": f"reply{version}", "type": _ADDR_TYPE[version],
             "map": _ADDR_TYPE[version], "flags": ["interval"],
@@ -413,8 +437,7 @@ def nft_reply_ruleset(tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNe
         dns = [str(ns) for ns in nameservers if ns.version == version]
         if dns:
             rules.append([
-                {"match": {"op": "==", "left": {"payload": {"protocol": ip, "field": "daddr"}},
-                           "right": {"set": dns}}},
+                {"match": {"op": "==", "left": daddr, "right": {"set": dns}}},
                 _TCP_UDP,
                 {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
                            "right": 53}},
@@ -429,11 +452,14 @@ def nft_reply_ruleset(tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNe
                                            "data": f"@{reply_counters(version)}"}}},
                       rewrite])
         rules.append([_TCP_UDP, _NOT_FRAGMENT[version], rewrite])
+    cmds.append({"add": {"chain": {**t, "name": "steer", "type": "filter", "hook": "prerouting",
+                                   "prio": -140, "policy": "accept"}}})
     cmds.append({"add": {"chain": {**t, "name": "reply", "type": "filter", "hook": "forward",
                                    "prio": -10, "policy": "accept"}}})
+    cmds.extend({"add": {"rule": {**t, "chain": "steer", "expr": r}}} for r in steer)
     cmds.extend({"add": {"rule": {**t, "chain": "reply", "expr": r}}} for r in rules)
     for version, index, addr in backends:
-        cmds.extend(nft_reply_backend(tag, version, index, addr))
+        cmds.extend(nft_perpacket_backend(tag, version, index, addr))
     return tuple(cmds)
 
 

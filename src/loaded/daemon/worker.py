@@ -75,9 +75,16 @@ class Worker:
         self.queue: NfQueue | None = None
 
     def on_packet(self, payload: memoryview, partial: bool) -> int:
-        """The per-packet data path: rewrite every packet."""
+        """The per-packet data path: decide every packet. A plain TCP or UDP packet to
+        a VIP goes back as its backend's mark, which the kernel's ``steer`` chain
+        turns into the destination (no payload copied back, any checksum state);
+        the rest is rewritten here."""
         try:
-            if self.engine.handle(payload, time.monotonic(), partial) is None:
+            now = time.monotonic()
+            b = self.engine.steer(payload, now)
+            if b is not None:
+                return b.mark
+            if self.engine.handle(payload, now, partial) is None:
                 return ACCEPT_UNCHANGED
         except Exception as e:
             return self._failed(e)

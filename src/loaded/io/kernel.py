@@ -43,7 +43,7 @@ from loaded.core.plan import (
     Sysctl,
     counter_mark,
     nft_backend,
-    nft_reply_backend,
+    nft_perpacket_backend,
 )
 from loaded.core.pool import ct_mark_version
 from loaded.io.files import write_atomic
@@ -222,11 +222,11 @@ class Kernel:
         return self.plan.datapath == "conntrack"
 
     def map_backend(self, version: int, index: int, ip: IPAddress) -> None:
-        """A backend added at run time: on the conntrack path a NAT target, on the
-        per-packet path its replies counted (the same mark again: no-op)."""
+        """A backend added at run time: the destination of its mark, its traffic
+        counted (the same mark again: no-op)."""
         if not self.plan.nft:
             return
-        make = nft_backend if self._conntrack else nft_reply_backend
+        make = nft_backend if self._conntrack else nft_perpacket_backend
         self.nft.run(make(self.plan.tag, version, index, ip))
 
     def remember_clients(self, entries: Iterable[tuple[IPAddress, int]], timeout: int) -> None:
