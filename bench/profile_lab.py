@@ -10,7 +10,7 @@ meanwhile, samples both workers:
   interpreter, libc...) and the top kernel and interpreter symbols.
 
     .venv/bin/python bench/profile_lab.py [--load keepalive|close|bulk] [--seconds 8]
-        [--family 4|6] [--py-spy PATH]
+        [--family 4|6] [--clients N] [--py-spy PATH]
 
 py-spy is not a dependency of the project: install it in a separate virtual
 environment (``python3 -m venv /tmp/spy && /tmp/spy/bin/pip install py-spy``)
@@ -106,6 +106,8 @@ def main() -> int:
     ap.add_argument("--family", type=int, choices=(4, 6), default=4)
     ap.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy binary")
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--clients", type=int, default=4,
+                    help="client addresses the load comes from (1: one worker carries it)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("profile_lab: needs root", file=sys.stderr)
@@ -120,7 +122,8 @@ def main() -> int:
     signal.signal(signal.SIGALRM, bl._watchdog)
     signal.alarm(lifetime)
     bl.WORKDIR = Path(tempfile.mkdtemp(prefix="profile-lab-"))
-    settings = bl.Settings(runs=1, seconds=args.seconds, ping_count=0, conns=20, clients=4,
+    settings = bl.Settings(runs=1, seconds=args.seconds, ping_count=0, conns=20,
+                           clients=args.clients,
                            modes=("loaded",))
     report: list[str] = []
     try:

@@ -37,13 +37,13 @@ def capture(tmp: Path, packets: list, linktype: int | None = None) -> Path:  # t
     return path
 
 
-def run(tmp: Path, packets: list, linktype: int | None = None) -> tuple[  # type: ignore[type-arg]
-        list[dict[str, object]], list[bytes]]:
+def run(tmp: Path, packets: list, linktype: int | None = None,  # type: ignore[type-arg]
+        datapath: str = "perpacket") -> tuple[list[dict[str, object]], list[bytes]]:
     src = capture(tmp, packets, linktype)
     out_path = tmp / "out.pcap"
     text = io.StringIO()
     with open(src, "rb") as f, open(out_path, "wb") as g:
-        replay(parse_config(CONF, "t.conf"), f, g, out=text, as_json=True)
+        replay(parse_config(CONF, "t.conf"), f, g, out=text, as_json=True, datapath=datapath)
     lines = [json.loads(line) for line in text.getvalue().splitlines()]
     written = [bytes(p) for p in PcapReader(str(out_path))]
     return lines, written
@@ -72,6 +72,35 @@ def test_replay_raw_ip_decisions_and_rewritten_output(tmp_path: Path) -> None:
     assert IP(written[0]).dst == "198.19.0.11" and IP(written[3]).src == "198.18.1.100"
 
 
+def test_replay_the_conntrack_path(tmp_path: Path) -> None:
+    """The default data path: every packet a first packet, decided with ``decide``;
+    the same choices as the per-packet path, the mark in the line, the packet as
+    kernel NAT forwards it; ICMP errors and replies are conntrack's, not a worker's."""
+    pkts = [
+        IP(src="198.18.0.11", dst="198.18.1.100") / TCP(sport=1000, dport=80) / Raw(b"a"),
+        IP(src="198.18.0.12", dst="198.18.1.100") / UDP(sport=1000, dport=53) / Raw(b"b"),
+        IP(src="198.18.0.11", dst="198.18.1.100") / ICMP() / Raw(b"c"),
+        IP(src="198.19.0.11", dst="198.18.0.11") / TCP(sport=80, dport=1000) / Raw(b"d"),
+        IP(src="198.18.2.1", dst="198.18.1.100") / ICMP(type=3, code=4)
+        / bytes(IP(src="198.18.1.100", dst="198.18.0.11") / TCP(sport=80, dport=1000)),
+        IPv6(src="2001:db8:c::1", dst="2001:db8:1::100") / TCP(sport=5, dport=80),
+    ]
+    raw = [bytes(p) for p in pkts]
+    lines, written = run(tmp_path, raw, linktype=101, datapath="conntrack")
+    per_packet, rewritten = run(tmp_path, raw, linktype=101)
+    assert [d["verdict"] for d in lines] == ["accept"] * 4 + ["drop", "accept"]
+    for i in (0, 1, 2, 5):
+        assert lines[i]["backend"] == per_packet[i]["backend"]
+    assert [lines[i]["mark"] for i in (0, 1, 2, 5)] == [
+        "0x4c420000", "0x4c420001", "0x4c420000", "0x4c428000"]
+    assert lines[3]["backend"] is None and "mark" not in lines[3]  # a reply: conntrack's
+    assert lines[4]["reason"] == "icmp-error-unknown-flow"
+    # first packets leave as the engine would have rewritten them: kernel NAT's result
+    assert written[0] == rewritten[0] and written[1] == rewritten[1]
+    assert written[3] == raw[3]  # passed unchanged
+    assert IP(written[2]).dst == "198.19.0.11"
+
+
 def test_replay_ethernet_with_non_ip_frames(tmp_path: Path) -> None:
     pkts = [Ether() / IP(src="198.18.0.11", dst="198.18.1.100") / TCP(dport=80),
             Ether() / ARP(pdst="198.18.1.100"),
@@ -93,6 +122,11 @@ def test_replay_command_line(tmp_path: Path) -> None:
                            str(out)], capture_output=True, text=True, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "0 accept - 198.19.0.11"
+    proc = subprocess.run([sys.executable, "-m", "loaded", "replay", "-c", str(conf),
+                           "--datapath", "conntrack", str(src), str(out)],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0 accept - 198.19.0.11 0x4c420000"
     bad = tmp_path / "bad.conf"
     bad.write_text("VIP4=198.18.1.300\nserver4=198.19.0.1\n")
     proc = subprocess.run([sys.executable, "-m", "loaded", "replay", "-c", str(bad), str(src),

@@ -83,6 +83,10 @@ def replay_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="capture to read (pcap or pcapng: raw IP, Ethernet, Linux cooked)")
     p.add_argument("output", help="pcap (raw IP) to write the accepted, rewritten packets to")
     p.add_argument("--json", action="store_true", help="one JSON object per packet")
+    p.add_argument("--datapath", choices=("perpacket", "conntrack"), default="perpacket",
+                   help="perpacket (default): every packet rewritten by the engine; "
+                        "conntrack: every packet decided as a first packet, its mark shown, "
+                        "written as kernel NAT sends it")
     return p
 
 
@@ -96,7 +100,7 @@ def main_replay(argv: Sequence[str]) -> int:
         return EXIT_CONFIG
     try:
         with open(args.input, "rb") as src, open(args.output, "wb") as dst:
-            replay(config, src, dst, as_json=args.json)
+            replay(config, src, dst, as_json=args.json, datapath=args.datapath)
     except (OSError, CaptureError) as e:
         print(f"loaded replay: {e}", file=sys.stderr)
         return 1
