@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loaded import __version__
-from loaded.core.config import Config, load_config
+from loaded.core.config import DEFAULT_CONFIGS, Config, load_config
 from loaded.core.errors import ConfigError
 
-DEFAULT_CONFIGS = ("loaded.conf", "loaded.config")
 EXIT_CONFIG = 2
 
 

@@ -221,7 +221,7 @@ def socket_of(args: argparse.Namespace) -> str:
         return str(args.socket)
     config = getattr(args, "config", None)
     if not config:
-        from loaded.cli import DEFAULT_CONFIGS
+        from loaded.core.config import DEFAULT_CONFIGS
 
         config = next((name for name in DEFAULT_CONFIGS if os.path.exists(name)), None)
         if config is None:

@@ -131,6 +131,8 @@ __all__ = [
 
 STRATEGIES: frozenset[str] = frozenset(_STRATEGY_CLASSES)
 DATAPATHS: frozenset[str] = frozenset({"perpacket", "conntrack"})
+# The names the original looks for in the current directory without -c.
+DEFAULT_CONFIGS = ("loaded.conf", "loaded.config")
 CHECKS: frozenset[str] = frozenset({"icmp", "tcp", "http", "https", "udp", "none"})
 ON_BACKEND_DOWN: frozenset[str] = frozenset({"cut", "keep"})
 NO_BACKEND: frozenset[str] = frozenset({"refuse", "drop"})
