@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from typing import Any
@@ -28,7 +29,9 @@ from loaded.control.protocol import (
     socket_path_for_config,
     validate_request,
 )
+from loaded.core.commands import AddBackend, RemoveBackend, SetState, SetWeight
 from loaded.core.plan import instance_tag
+from loaded.core.pool import State
 
 
 def valid(cmd: str, **args: Any) -> dict[str, Any]:
@@ -201,20 +204,30 @@ def test_resolve_vip() -> None:
 
 def test_pool_commands() -> None:
     v, b = "198.18.1.100", "198.19.0.11"
-    base = {"vip": v, "backend": b}
-    assert pool_command("add", v, b) == {**base, "op": "add", "weight": 1, "state": "up"}
-    assert pool_command("add", v, b, 4)["weight"] == 4
-    assert pool_command("remove", v, b) == {**base, "op": "remove"}
-    assert pool_command("weight", v, b, 0) == {**base, "op": "weight", "weight": 0}
-    assert pool_command("drain", v, b) == {**base, "op": "state", "state": "draining"}
-    assert pool_command("disable", v, b) == {**base, "op": "state", "state": "down",
-                                             "cut": True}
-    assert pool_command("enable", v, b) == {**base, "op": "state", "state": "up"}
+    vip, ip = ipaddress.IPv4Address(v), ipaddress.IPv4Address(b)
+    assert pool_command("add", v, b) == AddBackend(vip, ip, 1, State.UP)
+    assert pool_command("add", v, b, 4) == AddBackend(vip, ip, 4, State.UP)
+    assert pool_command("remove", v, b) == RemoveBackend(vip, ip)
+    assert pool_command("weight", v, b, 0) == SetWeight(vip, ip, 0)
+    assert pool_command("drain", v, b) == SetState(vip, ip, State.DRAINING)
+    assert pool_command("disable", v, b) == SetState(vip, ip, State.DOWN, cut=True)
+    assert pool_command("enable", v, b) == SetState(vip, ip, State.UP)
     with pytest.raises(ProtocolError):
         pool_command("weight", v, b)
     with pytest.raises(ProtocolError):
         pool_command("explode", v, b)
-    json.dumps(pool_command("add", v, b))
+    # As the answers show them (the "command" field of ``backend``)
+    base = {"vip": v, "backend": b}
+    assert pool_command("add", v, b).to_json() == {**base, "op": "add", "weight": 1,
+                                                   "state": "up"}
+    assert pool_command("remove", v, b).to_json() == {**base, "op": "remove"}
+    assert pool_command("weight", v, b, 0).to_json() == {**base, "op": "weight", "weight": 0}
+    assert pool_command("drain", v, b).to_json() == {**base, "op": "state",
+                                                     "state": "draining"}
+    assert pool_command("disable", v, b).to_json() == {**base, "op": "state", "state": "down",
+                                                       "cut": True}
+    assert pool_command("enable", v, b).to_json() == {**base, "op": "state", "state": "up"}
+    json.dumps(pool_command("add", v, b).to_json())
 
 
 def test_socket_paths() -> None:

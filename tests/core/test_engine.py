@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import fragment
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6ND_NS, ICMPv6TimeExceeded
 
+from loaded.core.commands import AddBackend, RemoveBackend
 from loaded.core.config import parse_config
 from loaded.core.engine import Engine, build_engine
 from loaded.core.errors import PacketError, Reason
@@ -427,15 +428,16 @@ def test_decide_on_garbage_raises_only_packet_error(data: bytes) -> None:
 
 def test_pool_commands_carry_the_index_every_worker_must_agree_on() -> None:
     e1, e2 = engine(), engine()
-    cmd = {"op": "add", "vip": VIP4, "backend": "198.19.0.77", "weight": 2, "index": 9}
+    vip = ipaddress.ip_address(VIP4)
+    cmd = AddBackend(vip, ipaddress.ip_address("198.19.0.77"), weight=2, index=9)
     b1 = e1.apply(cmd, 1.0)
-    e2.apply({"op": "remove", "vip": VIP4, "backend": BACKENDS4[0]}, 1.0)
+    e2.apply(RemoveBackend(vip, ipaddress.ip_address(BACKENDS4[0])), 1.0)
     b2 = e2.apply(cmd, 1.0)
     assert b1.index == b2.index == 9 and b1.mark == b2.mark
-    nxt = e1.apply({"op": "add", "vip": VIP4, "backend": "198.19.0.78"}, 1.0)
+    nxt = e1.apply(AddBackend(vip, ipaddress.ip_address("198.19.0.78")), 1.0)
     assert nxt.index == 10
     with pytest.raises(ValueError, match="taken"):
-        e1.apply({"op": "add", "vip": VIP4, "backend": "198.19.0.79", "index": 9}, 1.0)
+        e1.apply(AddBackend(vip, ipaddress.ip_address("198.19.0.79"), index=9), 1.0)
 
 
 def test_graceful_remove_keeps_clients_until_idle_then_leaves() -> None:
@@ -444,7 +446,8 @@ def test_graceful_remove_keeps_clients_until_idle_then_leaves() -> None:
     assert svc is not None
     first = handle(e, raw(ip(4, CLIENTS4[0], VIP4) / l4("tcp", b"")), now=1.0)
     assert first is not None
-    b = e.apply({"op": "remove", "vip": VIP4, "backend": first, "graceful": True}, 1.0)
+    b = e.apply(RemoveBackend(ipaddress.ip_address(VIP4), ipaddress.ip_address(first),
+                              graceful=True), 1.0)
     assert b.state is State.DRAINING and b in svc.leaving
     # its client stays; a new client never gets it
     assert handle(e, raw(ip(4, CLIENTS4[0], VIP4) / l4("tcp", b"")), now=2.0) == first
@@ -461,12 +464,13 @@ def test_graceful_remove_without_clients_is_immediate_and_readd_revives() -> Non
     e = engine()
     svc = e.service(ipaddress.ip_address(VIP6))
     assert svc is not None
-    e.apply({"op": "remove", "vip": VIP6, "backend": BACKENDS6[2], "graceful": True}, 1.0)
+    vip = ipaddress.ip_address(VIP6)
+    e.apply(RemoveBackend(vip, ipaddress.ip_address(BACKENDS6[2]), graceful=True), 1.0)
     assert ipaddress.ip_address(BACKENDS6[2]) not in svc.pool
     chosen = handle(e, raw(ip(6, CLIENTS6[0], VIP6) / l4("udp", b"")))
     assert chosen is not None
-    e.apply({"op": "remove", "vip": VIP6, "backend": chosen, "graceful": True}, 1.0)
-    b = e.apply({"op": "add", "vip": VIP6, "backend": chosen, "weight": 2}, 1.0)
+    e.apply(RemoveBackend(vip, ipaddress.ip_address(chosen), graceful=True), 1.0)
+    b = e.apply(AddBackend(vip, ipaddress.ip_address(chosen), weight=2), 1.0)
     assert b.state is State.UP and b.weight == 2 and not svc.leaving
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loaded.core.commands import AddBackend, RemoveBackend, SetState
 from loaded.core.config import parse_config
 from loaded.core.health import (
     ALL_NODES,
@@ -603,17 +604,13 @@ def test_describe() -> None:
 
 def test_pool_command() -> None:
     down = StateChanged(VIP, B1, False, "timeout", 1.0, "tcp:80", 3, State.DOWN)
-    assert pool_command(down, cut=True) == {
-        "op": "state", "vip": "198.18.1.100", "backend": "198.19.0.11", "state": "down",
-        "cut": True}
-    assert pool_command(down, cut=False)["cut"] is False
+    assert pool_command(down, cut=True) == SetState(VIP, B1, State.DOWN, cut=True)
+    assert pool_command(down, cut=False) == SetState(VIP, B1, State.DOWN, cut=False)
     up = StateChanged(VIP, B1, True, "ok", 1.0, "tcp:80", 2, State.DRAINING)
-    assert pool_command(up, cut=True) == {
-        "op": "state", "vip": "198.18.1.100", "backend": "198.19.0.11", "state": "draining"}
-    assert pool_command(HostAdded(VIP, B2, 1.0), cut=True) == {
-        "op": "add", "vip": "198.18.1.100", "backend": "198.19.0.12", "weight": 1,
-        "state": "down"}
-    assert pool_command(HostRemoved(VIP, B2, "x", 1.0), cut=True) == {
-        "op": "remove", "vip": "198.18.1.100", "backend": "198.19.0.12"}
+    assert pool_command(up, cut=True) == SetState(VIP, B1, State.DRAINING)
+    assert pool_command(up, cut=False) == SetState(VIP, B1, State.DRAINING)
+    assert pool_command(HostAdded(VIP, B2, 1.0), cut=True) == AddBackend(
+        VIP, B2, weight=1, state=State.DOWN)
+    assert pool_command(HostRemoved(VIP, B2, "x", 1.0), cut=True) == RemoveBackend(VIP, B2)
     assert pool_command(HostIgnored(VIP, B2, "x"), cut=True) is None
     assert pool_command(DiscoveryFailed(VIP, "x"), cut=True) is None

@@ -13,6 +13,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from loaded.core.clients import ClientTable
+from loaded.core.commands import (
+    AddBackend,
+    PoolCommand,
+    RemoveBackend,
+    SetState,
+    SetWeight,
+    command_from_json,
+)
 from loaded.core.engine import Engine, Service
 from loaded.core.pool import Backend, Pool, State
 from loaded.core.preview import lookup_client, merge_previews, plan_moves, preview
@@ -41,8 +49,17 @@ def make_engine(strategy: str, specs: Sequence[tuple[int, State]], now: float = 
     return Engine([Service(VIP_IP, pool, strat, table)])
 
 
-def cmd(op: str, i: int, **kw: Any) -> dict[str, object]:
-    return {"op": op, "vip": VIP, "backend": bip(i), **kw}
+_KINDS: dict[str, Any] = {"add": AddBackend, "remove": RemoveBackend, "state": SetState,
+                          "weight": SetWeight}
+
+
+def cmd(op: str, i: int, vip: str = VIP, **kw: Any) -> PoolCommand:
+    """The pool command ``op`` for backend ``i``; ``state`` may be given as text."""
+    if "state" in kw:
+        kw["state"] = State(kw["state"])
+    command: PoolCommand = _KINDS[op](ipaddress.ip_address(vip), ipaddress.ip_address(bip(i)),
+                                      **kw)
+    return command
 
 
 def table(e: Engine) -> ClientTable:
@@ -109,13 +126,13 @@ def test_drain_moves_nobody_and_reports_who_stays(name: str) -> None:
         assert p.moved == 0 and p.moves == ()
         assert p.stay == target.clients > 0
         assert not p.accepts_new_after
-        assert p.state_after == ("up" if command["op"] == "weight" else "draining")
+        assert p.state_after == ("up" if command.op == "weight" else "draining")
 
 
 def test_add_moves_nobody_now_but_sh_rehashes() -> None:
     e = make_engine("sh", [(1, State.UP)] * 2)
     fill(e, range(200), 1.0)
-    p = preview(e, {"op": "add", "vip": VIP, "backend": "198.19.0.99", "weight": 1}, 2.0)
+    p = preview(e, AddBackend(VIP_IP, ipaddress.IPv4Address("198.19.0.99"), 1), 2.0)
     assert p.moved == 0 and p.stay == 0 and p.state_after == "up"
     assert p.rehashed is not None and 0 < p.rehashed < 200
     assert e.services[0].pool.get(ipaddress.IPv4Address("198.19.0.99")) is None
@@ -158,11 +175,11 @@ def test_bad_commands_raise_like_apply() -> None:
     with pytest.raises(KeyError):
         preview(e, cmd("remove", 5), 1.0)
     with pytest.raises(KeyError):
-        preview(e, {"op": "remove", "vip": "192.0.2.9", "backend": bip(0)}, 1.0)
+        preview(e, cmd("remove", 0, vip="192.0.2.9"), 1.0)
     with pytest.raises(ValueError):
         preview(e, cmd("weight", 0, weight=70000), 1.0)
-    with pytest.raises(ValueError):
-        preview(e, cmd("frobnicate", 0), 1.0)
+    with pytest.raises(ValueError):  # a command with no such operation cannot be made
+        preview(e, command_from_json({"op": "frobnicate", "vip": VIP, "backend": bip(0)}), 1.0)
     assert e.services[0].pool.get(ipaddress.IPv4Address(bip(0))) is not None
 
 
@@ -215,7 +232,7 @@ steps = st.lists(st.tuples(st.integers(0, 59), st.sampled_from([0.0, 0.0, 0.0, 0
 
 
 @st.composite
-def commands(draw: st.DrawFn, n: int) -> dict[str, object]:
+def commands(draw: st.DrawFn, n: int) -> PoolCommand:
     op = draw(st.sampled_from(["state", "add", "remove", "weight"]))
     i = draw(st.integers(0, n - 1) | st.just(n))  # n: a backend not in the pool
     c: dict[str, object] = {"op": op, "vip": VIP, "backend": bip(i)}
@@ -228,10 +245,10 @@ def commands(draw: st.DrawFn, n: int) -> dict[str, object]:
         c["state"] = draw(st.sampled_from(["up", "draining", "down"]))
     elif op == "weight":
         c["weight"] = draw(st.integers(0, 4))
-    return c
+    return command_from_json(c)
 
 
-def _run(e: Engine, pre: list[dict[str, object]], steps: list[tuple[int, float]]) -> float:
+def _run(e: Engine, pre: list[PoolCommand], steps: list[tuple[int, float]]) -> float:
     now = 1.0
     half = len(steps) // 2
     for k, (c, dt) in enumerate(steps):
@@ -284,7 +301,7 @@ def test_preview_is_exact_on_busy_pools(name: str) -> None:
     assert sum(n for k, n in outcomes.items() if k.endswith(": moves")) >= 30, outcomes
 
 
-def _random_command(rng: random.Random, n: int) -> dict[str, object]:
+def _random_command(rng: random.Random, n: int) -> PoolCommand:
     op = rng.choice(["state", "state", "remove", "remove", "add", "weight"])
     i = rng.randrange(n + 1) if rng.random() < 0.1 else rng.randrange(n)
     c: dict[str, object] = {"op": op, "vip": VIP, "backend": bip(i)}
@@ -297,12 +314,12 @@ def _random_command(rng: random.Random, n: int) -> dict[str, object]:
         c["state"] = rng.choice(["up", "draining", "down"])
     elif op == "weight":
         c["weight"] = rng.choice([0, 1, 3])
-    return c
+    return command_from_json(c)
 
 
-def check_exact(name: str, specs: Sequence[tuple[int, State]], pre: list[dict[str, object]],
+def check_exact(name: str, specs: Sequence[tuple[int, State]], pre: list[PoolCommand],
                 steps: list[tuple[int, float]], later: float,
-                command: dict[str, object]) -> str:
+                command: PoolCommand) -> str:
     """Preview ``command`` on an engine after ``steps``, apply it, and hold the two
     equal: exactly the predicted clients changed backend, to the predicted one."""
     e, twin = make_engine(name, specs), make_engine(name, specs)
@@ -321,7 +338,7 @@ def check_exact(name: str, specs: Sequence[tuple[int, State]], pre: list[dict[st
     before = served(e, now)
     assert p.clients == len(before) and p.moved == len(moves)
     assert set(moves) <= set(before)
-    target = ipaddress.ip_address(str(command["backend"]))
+    target = command.backend
     assert p.stay == sum(1 for c, b in before.items() if b.ip == target and c not in moves)
     e.apply(command, now)
     twin.apply(command, now)
@@ -344,4 +361,4 @@ def check_exact(name: str, specs: Sequence[tuple[int, State]], pre: list[dict[st
     for k in range(1000, 1030):
         x, y = table(e).backend_for(client(k), now), table(twin).backend_for(client(k), now)
         assert (None if x is None else x.ip) == (None if y is None else y.ip)
-    return f"{command['op']}: {'moves' if moves else 'no move'}"
+    return f"{command.op}: {'moves' if moves else 'no move'}"

@@ -11,6 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loaded.core.clients import ClientTable
+from loaded.core.commands import (
+    AddBackend,
+    PoolCommand,
+    RemoveBackend,
+    SetState,
+    SetWeight,
+)
 from loaded.core.config import KEY_TABLE, KEYS, BackendSpec, Config, parse_config
 from loaded.core.engine import Engine, Service
 from loaded.core.pool import Pool, State
@@ -42,8 +49,15 @@ OLD = conf("server4=198.19.0.11\nserver4=198.19.0.12 weight=2\nserver4=198.19.0.
 
 
 def cmds(old: Config, new: Config, families: tuple[int, ...] = (4, 6),
-         running: Any = None) -> list[dict[str, object]]:
+         running: Any = None) -> list[PoolCommand]:
     return diff_configs(old, new, families, running).commands
+
+
+V4 = ipaddress.IPv4Address(VIP4)
+
+
+def b4(last: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(f"198.19.0.{last}")
 
 
 def test_same_file_no_command_no_setting() -> None:
@@ -57,6 +71,14 @@ def test_add_remove_weight_state_in_order() -> None:
     new = conf("server4=198.19.0.11 state=down\nserver4=198.19.0.12 weight=5\n"
                "server4=198.19.0.14 weight=3 state=drain\nserver4=198.19.0.15\n")
     assert cmds(OLD, new) == [
+        AddBackend(V4, b4(14), 3, State.DRAINING),
+        AddBackend(V4, b4(15), 1, State.UP),
+        SetWeight(V4, b4(12), 5),
+        SetState(V4, b4(11), State.DOWN, cut=True),
+        RemoveBackend(V4, b4(13)),
+    ]
+    # ... and as the control socket shows them
+    assert diff_configs(OLD, new, (4, 6)).to_json()["commands"] == [
         {"op": "add", "vip": VIP4, "backend": "198.19.0.14", "weight": 3, "state": "draining"},
         {"op": "add", "vip": VIP4, "backend": "198.19.0.15", "weight": 1, "state": "up"},
         {"op": "weight", "vip": VIP4, "backend": "198.19.0.12", "weight": 5},
@@ -73,8 +95,9 @@ def test_states_to_up_come_before_drains_and_downs() -> None:
     old = conf("server4=198.19.0.11 state=down\nserver4=198.19.0.12\nserver4=198.19.0.13\n")
     new = conf("server4=198.19.0.11\nserver4=198.19.0.12 state=down\n"
                "server4=198.19.0.13 state=drain\n")
-    assert [(c["backend"], c["state"]) for c in cmds(old, new)] == [
-        ("198.19.0.11", "up"), ("198.19.0.13", "draining"), ("198.19.0.12", "down")]
+    assert cmds(old, new) == [SetState(V4, b4(11), State.UP),
+                              SetState(V4, b4(13), State.DRAINING),
+                              SetState(V4, b4(12), State.DOWN)]
 
 
 def test_runtime_changes_survive_where_the_file_did_not_change() -> None:
@@ -86,8 +109,7 @@ def test_runtime_changes_survive_where_the_file_did_not_change() -> None:
     new = conf("server4=198.19.0.11 weight=4\nserver4=198.19.0.12 weight=2\n"
                "server4=198.19.0.13 weight=9\n")
     plan = diff_configs(OLD, new, (4, 6), running)
-    assert plan.commands == [
-        {"op": "weight", "vip": VIP4, "backend": "198.19.0.11", "weight": 4}]
+    assert plan.commands == [SetWeight(V4, b4(11), 4)]
     assert plan.changes[0].after == (4, State.DRAINING)  # the drain stands
     assert any("198.19.0.20" in n and "added at run time" in n for n in plan.notes)
     assert any("198.19.0.13" in n and "removed at run time" in n for n in plan.notes)
@@ -107,8 +129,7 @@ def test_the_file_overrides_a_runtime_change_of_what_it_changes() -> None:
     newer = conf("server4=198.19.0.11\nserver4=198.19.0.12 weight=2\nserver4=198.19.0.13\n"
                  "server4=198.19.0.14 weight=2\n")
     assert cmds(OLD, newer, (4,), running) == [
-        {"op": "weight", "vip": VIP4, "backend": "198.19.0.14", "weight": 2},
-        {"op": "state", "vip": VIP4, "backend": "198.19.0.14", "state": "up"}]
+        SetWeight(V4, b4(14), 2), SetState(V4, b4(14), State.UP)]
 
 
 def test_addresses_are_compared_canonically() -> None:
@@ -203,7 +224,7 @@ def config_of(pool: dict[str, tuple[int, State]], order: list[str]) -> Config:
     return Config(path="t", vip4=ipaddress.IPv4Address(VIP4), servers4=specs)
 
 
-def apply_to(running: dict[str, tuple[int, State]], commands: list[dict[str, object]]
+def apply_to(running: dict[str, tuple[int, State]], commands: list[PoolCommand]
              ) -> dict[str, tuple[int, State]]:
     vip = ipaddress.IPv4Address(VIP4)
     pool = Pool(vip)
@@ -244,11 +265,10 @@ def test_applying_the_plan_gives_the_merge_and_then_nothing_to_do(
     # Idempotent: nothing left to do against the result.
     assert diff_configs(a, b, (4,), {VIP4: after}).commands == []
     # One command per (backend, op); ops in the documented order.
-    ops = [(c["backend"], c["op"]) for c in plan.commands]
+    ops = [(c.backend, c.op) for c in plan.commands]
     assert len(ops) == len(set(ops))
     rank = {"add": 0, "weight": 1, "state": 2, "remove": 3}
-    assert [rank[str(c["op"])] for c in plan.commands] == sorted(
-        rank[str(c["op"])] for c in plan.commands)
+    assert [rank[c.op] for c in plan.commands] == sorted(rank[c.op] for c in plan.commands)
     # Without runtime changes, running = old: a plain two-way diff.
     assert apply_to(old, diff_configs(a, b, (4,)).commands) == new
     assert not any(c.overrides_runtime for c in diff_configs(a, b, (4,)).changes)

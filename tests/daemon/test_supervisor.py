@@ -1,7 +1,7 @@
 """The supervisor's bookkeeping, without workers or a kernel: indexes and marks,
 the operator's word against health, reloads, and what the conntrack path asks
 the kernel to forget. Workers are absent (pid 0), so commands go nowhere but
-into the supervisor's view, its replay log and the fake kernel."""
+into the backends' owner (its pool view and replay) and the fake kernel."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from loaded.core.backends import Admin
+from loaded.core.commands import AddBackend, RemoveBackend
 from loaded.core.config import load_config
 from loaded.core.engine import build_engine
 from loaded.core.health import StateChanged
@@ -71,13 +73,27 @@ def servers(*last: int) -> str:
     return "".join(f"server4=198.19.0.{n}\n" for n in last)
 
 
-def packed(ip: str) -> str:
+def packed(ip: str) -> bytes:
     """A client address as the workers report it."""
-    return ipaddress.ip_address(ip).packed.hex()
+    return ipaddress.ip_address(ip).packed
 
 
 def mark(index: int) -> int:
     return ct_mark(4, index)
+
+
+V = ipaddress.IPv4Address(VIP)
+
+
+def ip(text: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(text)
+
+
+def pool_state(sup: Supervisor, backend: str) -> str:
+    """The state the workers' pools hold for ``backend``."""
+    entry = sup.backends.entry(V, ip(backend))
+    assert entry is not None
+    return entry.state.value
 
 
 def test_indexes_survive_a_reload_that_reorders_the_file(tmp_path: Path) -> None:
@@ -85,33 +101,44 @@ def test_indexes_survive_a_reload_that_reorders_the_file(tmp_path: Path) -> None
     Path(sup.config_path).write_text(BASE + servers(11, 13, 14) + "datapath=conntrack\n")
     result = sup.operator.reload(dry_run=False)
     assert result["applied"] and sorted(c["op"] for c in result["changes"]) == ["add", "remove"]
-    assert sup.indexes[(VIP, "198.19.0.13")] == 2 and sup.indexes[(VIP, "198.19.0.14")] == 3
+    indexes = sup.backends.indexes()
+    assert indexes[(VIP, "198.19.0.13")] == 2 and indexes[(VIP, "198.19.0.14")] == 3
     assert ("map", 3, "198.19.0.14") in sup.kernel.calls  # type: ignore[attr-defined]
     # a worker (re)started now numbers its pool as the kernel's map does
-    engine = build_engine(sup.config, 0.0, (4,), indexes=sup.indexes)
+    engine = build_engine(sup.config, 0.0, (4,), indexes=indexes)
     pool = engine.services[0].pool
     assert {str(b.ip): b.index for b in pool} == {
         "198.19.0.11": 0, "198.19.0.13": 2, "198.19.0.14": 3}
     # ... and replaying what was sent gives every worker the same pools
-    replay = [c for ops in sup.desired.values() for c in ops.values()]
-    assert {"op": "remove", "vip": VIP, "backend": "198.19.0.12", "graceful": True} in replay
+    replay = sup.backends.replay()
+    assert RemoveBackend(V, ip("198.19.0.12"), graceful=True) in replay
+    assert AddBackend(V, ip("198.19.0.14"), 1, State.UP, 3) in replay
+    for command in replay:
+        try:
+            engine.apply(command, 0.0)
+        except KeyError:
+            pass  # the remove of a backend the new file no longer names
+    assert {str(b.ip): b.index for b in pool} == {
+        "198.19.0.11": 0, "198.19.0.13": 2, "198.19.0.14": 3}
 
 
 def test_operator_outranks_health_and_enable_follows_it(tmp_path: Path) -> None:
     sup = supervisor(tmp_path, servers(11, 12), datapath="perpacket")
     sup.operator.backend({"action": "drain", "address": "198.19.0.11"})
-    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "draining"
+    assert pool_state(sup, "198.19.0.11") == "draining"
     ip = ipaddress.ip_address("198.19.0.11")
     vip = ipaddress.ip_address(VIP)
     sup._events.put(StateChanged(vip, ip, False, "refused", 1.0))
     sup._apply_health_events()
-    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "draining"  # not applied
-    assert sup.transitions[(VIP, "198.19.0.11")] == 1
+    assert pool_state(sup, "198.19.0.11") == "draining"  # not applied
+    assert sup.backends.transitions(vip, ip) == 1
+    assert sup.backends.admin(vip, ip) is Admin.DRAIN
+    assert sup.status()["services"][0]["backends"][0]["admin"] == "drain"
     result = sup.operator.backend({"action": "enable", "address": "198.19.0.11"})
     assert result["command"]["state"] == "down"  # health says so
     sup._events.put(StateChanged(vip, ip, True, "ok", 2.0))
     sup._apply_health_events()
-    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "up"
+    assert pool_state(sup, "198.19.0.11") == "up"
 
 
 def test_health_rise_brings_the_reloaded_state_not_the_first_one(tmp_path: Path) -> None:
@@ -119,12 +146,12 @@ def test_health_rise_brings_the_reloaded_state_not_the_first_one(tmp_path: Path)
     Path(sup.config_path).write_text(BASE + "server4=198.19.0.11 state=drain\n"
                                      + servers(12) + "datapath=perpacket\n")
     sup.operator.reload(dry_run=False)
-    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "draining"
+    assert pool_state(sup, "198.19.0.11") == "draining"
     vip, ip = ipaddress.ip_address(VIP), ipaddress.ip_address("198.19.0.11")
     sup._events.put(StateChanged(vip, ip, False, "refused", 1.0))
     sup._events.put(StateChanged(vip, ip, True, "ok", 2.0, pool_state=State.UP))
     sup._apply_health_events()
-    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "draining"
+    assert pool_state(sup, "198.19.0.11") == "draining"
 
 
 def test_conntrack_path_forgets_what_each_change_calls_for(tmp_path: Path) -> None:
@@ -138,8 +165,8 @@ def test_conntrack_path_forgets_what_each_change_calls_for(tmp_path: Path) -> No
     sup.operator.backend({"action": "remove", "address": "198.19.0.13"})
     assert calls == [("clients", mark(2))]  # graceful: its connections stay
     # decisions for a backend that is down or gone by now are not remembered
-    sup._learned = [[packed("198.18.0.7"), mark(0)], [packed("198.18.0.8"), mark(1)],
-                    [packed("198.18.0.9"), mark(2)]]
+    sup._learned = [(packed("198.18.0.7"), mark(0)), (packed("198.18.0.8"), mark(1)),
+                    (packed("198.18.0.9"), mark(2))]
     sup._remember_clients()
     assert calls[-1] == ("remember", [("198.18.0.8", mark(1))])
 
@@ -188,7 +215,7 @@ def test_a_configured_drain_still_goes_down_with_its_health(tmp_path: Path) -> N
     vip, ip = ipaddress.ip_address(VIP), ipaddress.ip_address("198.19.0.11")
     sup._events.put(StateChanged(vip, ip, False, "refused", 1.0))
     sup._apply_health_events()
-    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "down"
+    assert pool_state(sup, "198.19.0.11") == "down"
     sup._events.put(StateChanged(vip, ip, True, "ok", 2.0))
     sup._apply_health_events()
-    assert sup.pool_view[(VIP, "198.19.0.11")]["state"] == "draining"
+    assert pool_state(sup, "198.19.0.11") == "draining"

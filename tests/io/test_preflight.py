@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from loaded.cli import main
+from loaded.core.commands import Reply, RestoreQuery
 from loaded.core.config import load_config
 from loaded.core.persist import saved_document
 from loaded.daemon.control import Operator
@@ -124,7 +125,7 @@ def test_restore_consumes_its_own_table_once(tmp_path: Path) -> None:
     saved(table)
     op = operator(tmp_path, table)
     queries = op.restore_queries()
-    assert set(queries) == {0} and queries[0]["query"] == "restore"
+    assert set(queries) == {0} and isinstance(queries[0], RestoreQuery)
     assert not table.exists()
     assert op.restore_queries() == {}
 
@@ -132,8 +133,8 @@ def test_restore_consumes_its_own_table_once(tmp_path: Path) -> None:
 def test_save_never_overwrites_a_foreign_file(tmp_path: Path) -> None:
     other = tmp_path / "other.txt"
     other.write_text("keep me")
-    reply = {"index": 0, "result": {"format": "loaded-clients", "version": 1,
-                                    "written_at": 1.0, "services": {}}}
+    reply = Reply(1, 0, {"format": "loaded-clients", "version": 1, "written_at": 1.0,
+                         "services": {}})
     operator(tmp_path, other).save_tables([reply])
     assert other.read_text() == "keep me"
     table = tmp_path / "t.json"

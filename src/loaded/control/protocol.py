@@ -63,7 +63,8 @@ Commands
 "address": ip, "vip": ip (optional), "weight": 0..65535 (add: optional, default 1;
 weight: required; others: not allowed), "dry_run": bool (default false)}``.
 Without ``vip`` the daemon takes its one VIP of the address's family
-(``resolve_vip``). The action becomes one pool command (``pool_command``):
+(``resolve_vip``). The action becomes one pool command (``pool_command``,
+a ``loaded.core.commands`` value, shown in answers in its ``to_json`` form):
 
     add      {"op": "add", "weight": w, "state": "up"}
     remove   {"op": "remove"}
@@ -134,6 +135,9 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from loaded.core.commands import AddBackend, PoolCommand, RemoveBackend, SetState, SetWeight
+from loaded.core.pool import State
 
 __all__ = [
     "BACKEND_ACTIONS",
@@ -399,23 +403,22 @@ def resolve_vip(address: str, vips: Iterable[str], vip: str | None = None) -> st
 
 
 def pool_command(action: str, vip: str, address: str, weight: int | None = None
-                 ) -> dict[str, object]:
-    """The pool command (``Engine.apply`` form) for a ``backend`` action."""
-    cmd: dict[str, object] = {"vip": vip, "backend": address}
+                 ) -> PoolCommand:
+    """The pool command for a ``backend`` action (as the operator asked it: the
+    daemon's state owner may turn a state change into another state)."""
+    v, ip = ipaddress.ip_address(vip), ipaddress.ip_address(address)
     if action == "add":
-        cmd.update(op="add", weight=1 if weight is None else weight, state="up")
-    elif action == "remove":
-        cmd.update(op="remove")
-    elif action == "weight":
+        return AddBackend(v, ip, 1 if weight is None else weight, State.UP)
+    if action == "remove":
+        return RemoveBackend(v, ip)
+    if action == "weight":
         if weight is None:
             raise ProtocolError("'weight' is required to change the weight")
-        cmd.update(op="weight", weight=weight)
-    elif action == "drain":
-        cmd.update(op="state", state="draining")
-    elif action == "disable":
-        cmd.update(op="state", state="down", cut=True)
-    elif action == "enable":
-        cmd.update(op="state", state="up")
-    else:
-        raise ProtocolError(f"unknown backend action {action!r}")
-    return cmd
+        return SetWeight(v, ip, weight)
+    if action == "drain":
+        return SetState(v, ip, State.DRAINING)
+    if action == "disable":
+        return SetState(v, ip, State.DOWN, cut=True)
+    if action == "enable":
+        return SetState(v, ip, State.UP)
+    raise ProtocolError(f"unknown backend action {action!r}")

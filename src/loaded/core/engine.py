@@ -42,6 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from loaded.core.checksum import address_delta
 from loaded.core.clients import ClientTable
+from loaded.core.commands import AddBackend, PoolCommand, RemoveBackend, SetState
 from loaded.core.config import Config
 from loaded.core.errors import PacketError, Reason
 from loaded.core.packet import (
@@ -175,25 +176,18 @@ class Engine:
     def set_weight(self, vip: IPAddress, ip: IPAddress, weight: int) -> Backend:
         return self._require(vip).pool.set_weight(ip, weight)
 
-    def apply(self, command: dict[str, object], now: float) -> Backend:
-        """Carry out one pool command as the supervisor sends it to workers:
-        ``{"op": "state"|"add"|"remove"|"weight", "vip": ..., "backend": ..., ...}``."""
-        op = command.get("op")
-        vip = ipaddress.ip_address(str(command["vip"]))
-        ip = ipaddress.ip_address(str(command["backend"]))
-        if op == "state":
-            return self.set_state(vip, ip, State(str(command["state"])), now,
-                                  cut=bool(command.get("cut", True)))
-        if op == "add":
-            index = command.get("index")
-            return self.add_backend(vip, ip, int(str(command.get("weight", 1))),
-                                    State(str(command.get("state", "up"))),
-                                    None if index is None else int(str(index)))
-        if op == "remove":
-            return self.remove_backend(vip, ip, now, graceful=bool(command.get("graceful")))
-        if op == "weight":
-            return self.set_weight(vip, ip, int(str(command["weight"])))
-        raise ValueError(f"unknown pool command {op!r}")
+    def apply(self, command: PoolCommand, now: float) -> Backend:
+        """Carry out one pool command (``loaded.core.commands``) as every worker does."""
+        if isinstance(command, SetState):
+            return self.set_state(command.vip, command.backend, command.state, now,
+                                  cut=command.cut)
+        if isinstance(command, AddBackend):
+            return self.add_backend(command.vip, command.backend, command.weight,
+                                    command.state, command.index)
+        if isinstance(command, RemoveBackend):
+            return self.remove_backend(command.vip, command.backend, now,
+                                       graceful=command.graceful)
+        return self.set_weight(command.vip, command.backend, command.weight)
 
     # --- the hot path -----------------------------------------------------------
 

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING
 
+from loaded.core.commands import AddBackend, PoolCommand, RemoveBackend, SetState
 from loaded.core.pool import IPAddress, State
 
 if TYPE_CHECKING:
@@ -724,21 +725,15 @@ def _value(v: object) -> str:
     return s
 
 
-def pool_command(event: Event, *, cut: bool) -> dict[str, object] | None:
-    """The pool command for ``event`` in the form ``Engine.apply`` takes, or None
-    when the pools need no change. ``cut`` is ``on_backend_down=cut``: without
-    it a backend that went down keeps its existing clients (as draining)."""
+def pool_command(event: Event, *, cut: bool) -> PoolCommand | None:
+    """The pool command for ``event``, or None when the pools need no change.
+    ``cut`` is ``on_backend_down=cut``: without it a backend that went down keeps
+    its existing clients (as draining)."""
     if isinstance(event, StateChanged):
-        cmd: dict[str, object] = {"op": "state", "vip": str(event.vip),
-                                  "backend": str(event.ip),
-                                  "state": event.pool_state.value}
-        if not event.up:
-            cmd["cut"] = cut
-        return cmd
+        return SetState(event.vip, event.ip, event.pool_state, cut=cut)
     if isinstance(event, HostAdded):
         # Joins as down: the pool takes it only once it comes up.
-        return {"op": "add", "vip": str(event.vip), "backend": str(event.ip),
-                "weight": 1, "state": State.DOWN.value}
+        return AddBackend(event.vip, event.ip, weight=1, state=State.DOWN)
     if isinstance(event, HostRemoved):
-        return {"op": "remove", "vip": str(event.vip), "backend": str(event.ip)}
+        return RemoveBackend(event.vip, event.ip)
     return None

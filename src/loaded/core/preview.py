@@ -1,7 +1,7 @@
 """Dry runs of pool commands: which clients a command would move. Pure.
 
-``preview(engine, command, now)`` answers, for a pool command in the form
-``Engine.apply`` takes, what applying it at ``now`` would do to the clients
+``preview(engine, command, now)`` answers, for a pool command
+(``loaded.core.commands``), what applying it at ``now`` would do to the clients
 the engine's table holds, and changes nothing in the engine: the command is
 applied to a scratch copy of the pool (so validation and semantics are
 ``Engine.apply``'s own), and the client table is only read.
@@ -30,7 +30,8 @@ Rules
   when their entry is lost: after ``client_timeout`` of silence, a restart of
   their worker, or on another balancer. None for the other strategies.
 - A command the engine would refuse raises what ``Engine.apply`` raises
-  (``KeyError`` for an unknown VIP or backend, ``ValueError`` for a bad value).
+  (``KeyError`` for an unknown VIP or backend, ``ValueError`` for a bad value;
+  a command with a value out of range cannot be built at all).
 - Previews of several workers add up with ``merge_previews``.
 """
 
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loaded.core.clients import ClientTable
+from loaded.core.commands import PoolCommand
 from loaded.core.engine import Engine, Service
 from loaded.core.pool import Backend, IPAddress
 from loaded.core.strategies import Maglev, make_strategy
@@ -93,7 +95,7 @@ class Preview:
                 "accepts_new_after": self.accepts_new_after}
 
 
-def _scratch(svc: Service, command: Mapping[str, object], now: float) -> Service:
+def _scratch(svc: Service, command: PoolCommand, now: float) -> Service:
     """A copy of ``svc``'s pool and strategy (no clients) with ``command`` applied."""
     pool = copy.deepcopy(svc.pool)
     size = svc.strategy.table_size if isinstance(svc.strategy, Maglev) else 65537
@@ -101,26 +103,25 @@ def _scratch(svc: Service, command: Mapping[str, object], now: float) -> Service
     table = ClientTable(pool, strategy, idle_timeout=svc.table.idle_timeout,
                         max_size=svc.table.max_size, now=now)
     scratch = Service(svc.vip, pool, strategy, table, svc.real_net)
-    Engine([scratch]).apply(dict(command), now)
+    Engine([scratch]).apply(command, now)
     return scratch
 
 
-def _service(engine: Engine, command: Mapping[str, object]) -> Service:
-    vip = ipaddress.ip_address(str(command["vip"]))
-    svc = engine.service(vip)
+def _service(engine: Engine, command: PoolCommand) -> Service:
+    svc = engine.service(command.vip)
     if svc is None:
-        raise KeyError(f"no service for VIP {vip}")
+        raise KeyError(f"no service for VIP {command.vip}")
     return svc
 
 
-def plan_moves(engine: Engine, command: Mapping[str, object], now: float
+def plan_moves(engine: Engine, command: PoolCommand, now: float
                ) -> dict[bytes, tuple[IPAddress, IPAddress | None]]:
     """Every client that ``command`` would move: client -> (from, to); ``to`` None
     when the client is balanced anew on its next packet (see the module rules)."""
     return _compute(engine, command, now, rehash=False)[0]
 
 
-def _compute(engine: Engine, command: Mapping[str, object], now: float, rehash: bool
+def _compute(engine: Engine, command: PoolCommand, now: float, rehash: bool
              ) -> tuple[dict[bytes, tuple[IPAddress, IPAddress | None]], int, int, Service,
                         Service]:
     svc = _service(engine, command)
@@ -150,10 +151,10 @@ def _compute(engine: Engine, command: Mapping[str, object], now: float, rehash: 
     return moves, served, rehashed, svc, scratch
 
 
-def preview(engine: Engine, command: Mapping[str, object], now: float) -> Preview:
+def preview(engine: Engine, command: PoolCommand, now: float) -> Preview:
     """What ``engine.apply(command, now)`` would do to the clients; see the module rules."""
     moves, served, rehashed, svc, scratch = _compute(engine, command, now, rehash=True)
-    ip = ipaddress.ip_address(str(command["backend"]))
+    ip = command.backend
     counts = Counter((str(src), None if dst is None else str(dst))
                      for src, dst in moves.values())
     stay = 0
@@ -163,7 +164,7 @@ def preview(engine: Engine, command: Mapping[str, object], now: float) -> Previe
         stay = total - sum(n for (src, _), n in counts.items() if src == str(ip))
     after = scratch.pool.get(ip)
     return Preview(
-        vip=str(svc.vip), backend=str(ip), op=str(command.get("op")),
+        vip=str(svc.vip), backend=str(ip), op=command.op,
         strategy=svc.strategy.name, clients=served,
         moves=tuple(Move(src, dst, n) for (src, dst), n in sorted(
             counts.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or ""))),

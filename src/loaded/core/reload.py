@@ -4,9 +4,9 @@
 daemon started with (``old``), the file as it is now (``new``) and, when given,
 the pools as they run now (``running``: operator commands and health checks
 may have changed them since the start), and returns a ``ReloadPlan``: the pool
-commands (in the form ``Engine.apply`` takes) that make the running pools
-follow the new file, and the settings that changed but cannot be changed
-while the daemon runs.
+commands (``loaded.core.commands``) that make the running pools follow the new
+file, and the settings that changed but cannot be changed while the daemon
+runs.
 
 Rules
 =====
@@ -74,6 +74,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from loaded.core.commands import AddBackend, PoolCommand, RemoveBackend, SetState, SetWeight
 from loaded.core.config import KEY_TABLE, BackendSpec, Config
 from loaded.core.pool import IPAddress, State
 
@@ -119,21 +120,19 @@ class BackendChange:
     after: tuple[int, State] | None  # None: removed
     overrides_runtime: bool = False  # the running value was set at run time, not by old
 
-    def command(self) -> dict[str, object]:
-        """The command as ``Engine.apply`` takes it."""
-        cmd: dict[str, object] = {"op": self.op, "vip": self.vip, "backend": self.backend}
+    def command(self) -> PoolCommand:
+        """The command that makes the change."""
+        vip, ip = ipaddress.ip_address(self.vip), ipaddress.ip_address(self.backend)
+        if self.op == "remove":
+            return RemoveBackend(vip, ip)
+        assert self.after is not None
+        weight, state = self.after
         if self.op == "add":
-            assert self.after is not None
-            cmd["weight"], cmd["state"] = self.after[0], self.after[1].value
-        elif self.op == "weight":
-            assert self.after is not None
-            cmd["weight"] = self.after[0]
-        elif self.op == "state":
-            assert self.after is not None
-            cmd["state"] = self.after[1].value
-            if self.after[1] is State.DOWN:
-                cmd["cut"] = True
-        return cmd
+            return AddBackend(vip, ip, weight, state)
+        if self.op == "weight":
+            return SetWeight(vip, ip, weight)
+        # Down by the file: its clients move at once.
+        return SetState(vip, ip, state, cut=True)
 
     def to_json(self) -> dict[str, object]:
         def values(v: tuple[int, State] | None) -> dict[str, object] | None:
@@ -141,7 +140,8 @@ class BackendChange:
 
         return {"op": self.op, "vip": self.vip, "backend": self.backend,
                 "before": values(self.before), "after": values(self.after),
-                "overrides_runtime": self.overrides_runtime, "command": self.command()}
+                "overrides_runtime": self.overrides_runtime,
+                "command": self.command().to_json()}
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class ReloadPlan:
     notes: tuple[str, ...] = ()
 
     @property
-    def commands(self) -> list[dict[str, object]]:
+    def commands(self) -> list[PoolCommand]:
         return [c.command() for c in self.changes]
 
     @property
@@ -182,7 +182,7 @@ class ReloadPlan:
     def to_json(self) -> dict[str, object]:
         return {
             "changes": [c.to_json() for c in self.changes],
-            "commands": self.commands,
+            "commands": [c.to_json() for c in self.commands],
             "settings": [s.to_json() for s in self.settings],
             "unapplied": [s.to_json() for s in self.unapplied],
             "restart_needed": self.restart_needed,

@@ -5,11 +5,9 @@ Rules:
 
 - Every change becomes pool commands sent to every worker at once
   (``Supervisor.command``); nothing restarts, no queue is unbound.
-- The operator's word (``admin``: enabled, drain, disabled) outranks health:
-  a disabled or draining backend stays so whatever its checks say, and health
-  changes of such a backend are recorded, not applied. ``enable`` gives it the
-  state its health calls for (down if its checks say so, else its configured
-  state).
+- What each change sends is ``loaded.core.backends``' to decide (the
+  operator's word outranks health, the file wins where it changed
+  something); here it is asked, and what it answers is sent.
 - Questions about clients (lookup, list, dry runs, the tables to save) go to
   every worker, because each worker owns the clients hashed to it; the answers
   are added up.
@@ -36,10 +34,20 @@ from typing import TYPE_CHECKING, Any
 
 from loaded.control.protocol import ProtocolError, pool_command, resolve_vip
 from loaded.control.server import Pending
+from loaded.core.commands import (
+    AddBackend,
+    ClientsQuery,
+    LookupQuery,
+    PoolCommand,
+    PreviewQuery,
+    Query,
+    RemoveBackend,
+    Reply,
+    RestoreQuery,
+)
 from loaded.core.config import Config, load_config
 from loaded.core.errors import ConfigError
 from loaded.core.persist import NotSavedTables, merge_dumps, saved_document
-from loaded.core.pool import State
 from loaded.core.preview import merge_previews
 from loaded.core.reload import diff_configs
 from loaded.io.files import write_atomic
@@ -52,7 +60,6 @@ log = logging.getLogger("loaded.control")
 
 PERSIST_DIR = Path("/var/lib/loaded")
 QUERY_TIMEOUT = 5.0
-ADMIN_OF_ACTION = {"drain": "drain", "disable": "disabled", "enable": "enabled"}
 
 
 class Operator:
@@ -73,21 +80,20 @@ class Operator:
             return self.reload(bool(args.get("dry_run")))
         raise ProtocolError(f"unknown command {cmd!r}")
 
-    def _deferred(self, query: dict[str, Any],
-                  finish: Callable[[list[dict[str, Any]]], Any]) -> Pending:
+    def _deferred(self, query: Query, finish: Callable[[list[Any]], Any]) -> Pending:
         """Ask every worker; answer the request with ``finish(results)``."""
         server = self.sup.control
         pending = Pending(timeout=QUERY_TIMEOUT + 1.0)
 
-        def done(replies: list[dict[str, Any]]) -> None:
+        def done(replies: list[Reply]) -> None:
             if server is None:
                 return
-            errors = [r["error"] for r in replies if "error" in r]
+            errors = [r.error for r in replies if r.error is not None]
             if errors:
                 server.fail(pending.token, errors[0])
                 return
             try:
-                server.respond(pending.token, finish([r["result"] for r in replies]))
+                server.respond(pending.token, finish([r.result for r in replies]))
             except Exception as e:  # a bad answer must fail the request, not the loop
                 server.fail(pending.token, f"{type(e).__name__}: {e}")
 
@@ -101,8 +107,7 @@ class Operator:
         vip = resolve_vip(address, sup.vips(), args.get("vip"))
         weight = args.get("weight")
         command = pool_command(action, vip, address, weight)
-        key = (vip, address)
-        before = sup.pool_view.get(key)
+        before = sup.backends.entry(command.vip, command.backend)
         if action != "add" and before is None:
             raise LookupError(f"{address} is not a backend of {vip}")
         if action == "add" and before is not None:
@@ -113,52 +118,46 @@ class Operator:
         head = {"action": action, "vip": vip, "address": address}
         if args.get("dry_run"):
             return self._deferred(
-                {"query": "preview", "command": command},
-                lambda results: dict(head, dry_run=True, command=command,
+                PreviewQuery(command),
+                lambda results: dict(head, dry_run=True, command=command.to_json(),
                                      **_without(merge_previews(results), "vip", "backend",
                                                 "op")))
-        command = self._apply(command, ADMIN_OF_ACTION.get(action))
+        command = self._apply(sup.backends.operator(command, cut=self._cut()))
+        shown = command.to_json()
         log.info("event=backend-changed action=%s vip=%s backend=%s command=%s", action, vip,
-                 address, json.dumps(command, sort_keys=True))
-        return dict(head, dry_run=False, command=command, before=before,
-                    after=sup.pool_view.get(key))
+                 address, json.dumps(shown, sort_keys=True))
+        after = sup.backends.entry(command.vip, command.backend)
+        return dict(head, dry_run=False, command=shown,
+                    before=None if before is None else before.to_json(),
+                    after=None if after is None else after.to_json())
 
-    def _apply(self, command: dict[str, object], admin: str | None = None
-               ) -> dict[str, object]:
-        """One change to every worker, with its bookkeeping: an added backend is
-        enabled and health-checked; a removed one leaves gracefully (as IPVS: its
-        connections, on the per-packet path its clients, finish where they are;
-        `disable` first moves them at once) and is no longer checked; a state
-        change records the operator's word ``admin`` and sends the state it adds
-        up to with health. Returns the command sent."""
+    def _cut(self) -> bool:
+        return self.sup.config.on_backend_down == "cut"
+
+    def _apply(self, command: PoolCommand) -> PoolCommand:
+        """One change (as ``loaded.core.backends`` decided it) to every worker, with
+        its bookkeeping: an added backend is health-checked, a removed one (it
+        leaves gracefully, as IPVS: its connections, on the per-packet path its
+        clients, finish where they are; `disable` first moves them at once) no
+        longer. Returns the command."""
         sup = self.sup
-        vip, ip, op = str(command["vip"]), str(command["backend"]), command["op"]
-        key = (vip, ip)
-        if op == "add":
-            sup.admin[key] = "enabled"
-            sup.configured_state[key] = State(str(command.get("state", "up")))
-        elif op == "state":
-            if admin is not None:
-                sup.admin[key] = admin
-            command = sup.effective_command(vip, ip)
-        elif op == "remove":
-            command = dict(command, graceful=True)
         sup.command(command)
-        if op == "add":
-            sup.watch(vip, ip)
-        elif op == "remove":
-            sup.admin[key] = "removing"
-            sup.unwatch(vip, ip)
+        if isinstance(command, AddBackend):
+            sup.watch(command.vip, command.backend)
+        elif isinstance(command, RemoveBackend):
+            sup.unwatch(command.vip, command.backend)
         return command
 
     def clients(self, args: dict[str, Any]) -> Any:
         if args["action"] == "lookup":
             client = str(ipaddress.ip_address(str(args["client"])))
-            return self._deferred({"query": "lookup", "client": client},
+            return self._deferred(LookupQuery(ipaddress.ip_address(client)),
                                   lambda results: self._with_kernel(
                                       _merge_lookups(client, results)))
         limit = int(args.get("limit") or 100)
-        return self._deferred({"query": "clients", "vip": args.get("vip"), "limit": limit},
+        vip = args.get("vip")
+        return self._deferred(ClientsQuery(None if vip is None else ipaddress.ip_address(vip),
+                                           limit),
                               lambda results: _merge_lists(results, limit))
 
     def _with_kernel(self, found: dict[str, Any]) -> dict[str, Any]:
@@ -171,9 +170,9 @@ class Operator:
         recalled = sup.kernel.recalled(ip)
         backend = None
         if recalled is not None:
-            backend = next((addr for (vip, addr) in sup.pool_view
-                            if ipaddress.ip_address(addr).version == ip.version
-                            and sup.mark_of(vip, addr) == recalled[0]), None)
+            backend = next((str(addr) for (vip, addr), _ in sup.backends.pooled()
+                            if addr.version == ip.version
+                            and sup.backends.mark_of(vip, addr) == recalled[0]), None)
         found["kernel"] = None if recalled is None else {
             "mark": recalled[0], "backend": backend, "expires": recalled[1]}
         return found
@@ -187,23 +186,17 @@ class Operator:
         # The administrative view: what the pools would be without health checks
         # (a backend that is down only because its checks fail is "up" here, so
         # a reload never reads as an order to bring it back).
-        running = {v: {ip: (int(b["weight"]), sup.admin_state(v, ip))
-                       for (vv, ip), b in sup.pool_view.items() if vv == v}
-                   for v in sup.vips()}
+        running = sup.backends.running(ipaddress.ip_address(v) for v in sup.vips())
         plan = diff_configs(sup.config, new, sup.families, running)
         result: dict[str, Any] = dict(plan.to_json(), config=sup.config_path,
                                       dry_run=dry_run, applied=False)
         if dry_run:
             return result
-        for change_cmd in plan.commands:
-            if change_cmd["op"] == "state":
-                # The file sets the configured state (and overrides a runtime
-                # drain); health still decides what the workers do.
-                key = (str(change_cmd["vip"]), str(change_cmd["backend"]))
-                sup.configured_state[key] = State(str(change_cmd["state"]))
-                self._apply(change_cmd, "enabled")
-            else:
-                self._apply(change_cmd)
+        cut = self._cut()
+        for change in plan.commands:
+            # A state from the file sets the configured state (and overrides a
+            # runtime drain); health still decides what the workers do.
+            self._apply(sup.backends.reloaded(change, cut=cut))
         sup.config = _live_config(sup.config, new, [c.field for c in plan.settings if c.live])
         result["applied"] = True
         log.info("event=reloaded config=%s commands=%d restart_needed=%s", sup.config_path,
@@ -217,12 +210,12 @@ class Operator:
     def persist_path(self) -> Path:
         return persist_path(self.sup.config, self.sup.plan.tag)
 
-    def save_tables(self, replies: list[dict[str, Any]]) -> None:
-        dumps = sorted((r for r in replies if "result" in r), key=lambda r: r["index"])
+    def save_tables(self, replies: list[Reply]) -> None:
+        dumps = sorted((r for r in replies if r.error is None), key=lambda r: r.index)
         if not dumps:
             log.warning("event=clients-not-saved reason=no-worker-answered")
             return
-        data = saved_document([r["result"] for r in dumps], [r["index"] for r in dumps],
+        data = saved_document([r.result for r in dumps], [r.index for r in dumps],
                               len(self.sup.children), time.time())
         path = self.persist_path()
         try:
@@ -236,10 +229,10 @@ class Operator:
         except OSError as e:
             log.warning("event=clients-not-saved path=%s error=%s", path, e)
             return
-        total = sum(len(v) for r in dumps for v in r["result"].get("services", {}).values())
+        total = sum(len(v) for r in dumps for v in r.result.get("services", {}).values())
         log.info("event=clients-saved path=%s clients=%d", path, total)
 
-    def restore_queries(self) -> dict[int, dict[str, Any]]:
+    def restore_queries(self) -> dict[int, Query]:
         """Per worker index, the restore query for its share of the saved tables."""
         path = self.persist_path()
         try:
@@ -270,13 +263,11 @@ class Operator:
         if saved.workers == len(children) and len(dumps) == len(indexes):
             # The same workers hash the same clients (HMARK, fixed seed): each
             # gets back its own share.
-            return {i: {"query": "restore", "data": d, "max_age": max_age}
-                    for i, d in zip(indexes, dumps, strict=True)}
+            return {i: RestoreQuery(d, max_age) for i, d in zip(indexes, dumps, strict=True)}
         log.info("event=clients-restore-shared reason=worker-count-changed was=%s now=%d",
                  saved.workers, len(children))
         merged = merge_dumps(dumps)
-        return {c.spec.index: {"query": "restore", "data": merged, "max_age": max_age}
-                for c in children}
+        return {c.spec.index: RestoreQuery(merged, max_age) for c in children}
 
 
 def persist_path(config: Config, tag: str) -> Path:

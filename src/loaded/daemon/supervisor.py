@@ -8,8 +8,11 @@ Life of a daemon:
    drops its privileges and reports ready through its pipe;
 4. only then the firewall rules that send packets to the queues, so that no
    packet waits on a queue nobody reads; then the backends' neighbour entries;
-5. loop: restart a worker that dies, collect the workers' counters into
-   ``/run/loaded/<tag>.stats.json``, retry neighbours not resolved yet;
+5. loop: restart a worker that dies (and replay the pool changes to it),
+   collect the workers' counters into ``/run/loaded/<tag>.stats.json``, retry
+   neighbours not resolved yet, send every pool change (health, operator,
+   reload: ``loaded.core.backends`` decides it) to every worker, as typed
+   messages on its pipe (``loaded.core.commands``);
 6. on SIGTERM or SIGINT: stop the workers (each one's totals logged, a
    ``worker-stopped`` line), remove the stats file, undo every recorded kernel
    change.
@@ -20,6 +23,7 @@ the capabilities listed in ``loaded.io.privileges.SUPERVISOR_CAPS``.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import json
@@ -39,19 +43,31 @@ from loaded import __version__
 from loaded.control.protocol import socket_path
 from loaded.control.server import ControlServer
 from loaded.control.web import StatusServer
+from loaded.core.backends import HEALTH_FOLLOWS, BackendStates
+from loaded.core.commands import (
+    AddBackend,
+    DumpQuery,
+    Learned,
+    MessageError,
+    PoolCommand,
+    Query,
+    RemoveBackend,
+    Reply,
+    Report,
+    SetState,
+    decode,
+    encode,
+)
 from loaded.core.config import Config
-from loaded.core.engine import backend_indexes, build_engine, table_share
+from loaded.core.engine import build_engine, table_share
 from loaded.core.health import (
     Event,
     HealthMonitor,
     HostAdded,
-    HostRemoved,
     StateChanged,
-    pool_command,
 )
 from loaded.core.plan import Neighbour, Plan
-from loaded.core.pool import MAX_INDEX, State, ct_mark
-from loaded.core.reload import running_from_config
+from loaded.core.pool import IPAddress, State
 from loaded.daemon.control import Operator
 from loaded.daemon.status import build_status
 from loaded.daemon.worker import Worker, WorkerSpec
@@ -67,7 +83,6 @@ RESTART_DELAY = 1.0
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 NEIGHBOUR_RETRY = 5.0
-REPLAY_ORDER = ("remove", "add", "weight", "state")
 FORGET_AGAIN = 0.5
 
 
@@ -77,9 +92,9 @@ class _Query:
     those that came by the deadline."""
 
     expected: set[int]
-    done: Callable[[list[dict[str, Any]]], None]
+    done: Callable[[list[Reply]], None]
     deadline: float
-    replies: list[dict[str, Any]] = field(default_factory=list)
+    replies: list[Reply] = field(default_factory=list)
 
 
 @dataclass
@@ -115,27 +130,12 @@ class Supervisor:
                               conntrack=plan.datapath == "conntrack"))
             for i, (q, core) in enumerate(zip(plan.queues, plan.cores, strict=True))]
         self.stopping = False
-        # The latest pool command of each kind per (VIP, backend): what a restarted
-        # worker replays to catch up with the others.
-        self.desired: dict[tuple[str, str], dict[str, dict[str, object]]] = {}
-        # Every backend's index in its pool, the same in every worker: the
-        # conntrack path's mark. Config order first, as the engines build them;
-        # a backend that leaves and comes back keeps its index.
-        self.indexes = backend_indexes(config, families)
+        # Every backend: what the file, the operator and health say, what the
+        # workers' pools hold (and what a restarted worker replays), its index
+        # in the pools (the conntrack path's mark).
+        self.backends = BackendStates(config, families)
         self.conntrack = plan.datapath == "conntrack"
         self._forget_again: list[tuple[float, int]] = []
-        # What the workers' pools hold, (VIP, backend) -> weight and state, kept
-        # from the commands sent; the operator's word; the configured state a
-        # healthy, enabled backend has; what health says; its changes.
-        running = running_from_config(config, families)
-        self.pool_view: dict[tuple[str, str], dict[str, Any]] = {
-            (vip, ip): {"weight": weight, "state": State(state).value}
-            for vip, pool in running.items() for ip, (weight, state) in pool.items()}
-        self.configured_state: dict[tuple[str, str], State] = {
-            key: State(b["state"]) for key, b in self.pool_view.items()}
-        self.admin: dict[tuple[str, str], str] = {}
-        self.health_down: dict[tuple[str, str], bool] = {}
-        self.transitions: Counter[tuple[str, str]] = Counter()
         self.operator = Operator(self)
         self.control: ControlServer | None = None
         self.web: StatusServer | None = None
@@ -146,7 +146,7 @@ class Supervisor:
         self._started_wall = time.time()
         self._counters: dict[int, tuple[int, int]] = {}
         self._invalid = 0
-        self._learned: list[list[Any]] = []  # [packed client (hex), mark] decided
+        self._learned: list[tuple[bytes, int]] = []  # (packed client, mark) decided
         self._retired: dict[tuple[str, str], Counter[str]] = {}
         self._wake_r, self._wake_w = os.pipe()
         self._started = time.monotonic()
@@ -179,7 +179,8 @@ class Supervisor:
                 os.set_blocking(w, False)
                 _close_inherited(keep={w, cr})
                 engine = build_engine(self.config, time.monotonic(), self.families,
-                                      worker=child.spec.index, indexes=self.indexes,
+                                      worker=child.spec.index,
+                                      indexes=self.backends.indexes(),
                                       workers=len(self.children))
                 code = Worker(child.spec, engine, w, cr).run()
             except BaseException:
@@ -193,79 +194,45 @@ class Supervisor:
             os.close(child.control)
         child.pid, child.fd, child.buf, child.ready, child.control = pid, r, b"", False, cw
         # A new worker starts from the config: bring it up to date first.
-        for ops in self.desired.values():
-            for op in REPLAY_ORDER:
-                if op in ops:
-                    self._send(child, ops[op])
+        for command in self.backends.replay():
+            self._send(child, command)
         log.info("event=worker-started queue=%d core=%d pid=%d", child.spec.queue,
                  child.spec.core, pid)
 
-    def index_of(self, vip: str, backend: str) -> int:
-        key = (vip, backend)
-        if key not in self.indexes:
-            index = max((i for (v, _), i in self.indexes.items() if v == vip), default=-1) + 1
-            if index > MAX_INDEX:
-                raise ValueError(f"no free backend index left for {vip}")
-            self.indexes[key] = index
-        return self.indexes[key]
-
-    def mark_of(self, vip: str, backend: str) -> int:
-        return ct_mark(ipaddress.ip_address(backend).version, self.index_of(vip, backend))
-
-    def command(self, command: dict[str, object]) -> None:
-        """Send a pool command to every worker (and to every future one)."""
-        key = (str(command["vip"]), str(command["backend"]))
-        op = str(command["op"])
-        if op == "add":
-            command = dict(command, index=self.index_of(*key))
-            if self.plan.nft:
-                ip = ipaddress.ip_address(key[1])
-                try:
-                    self.kernel.map_backend(ip.version, int(str(command["index"])), ip)
-                except KernelError as e:  # the workers may still use it; NAT would not
-                    log.error("event=backend-not-mapped backend=%s error=%s", key[1], e)
-        ops = self.desired.setdefault(key, {})
-        if op == "remove":
-            ops.clear()
-        elif op == "add":
-            ops.pop("remove", None)
-        ops[op] = command
-        view = self.pool_view
-        was_empty = not any(b.get("state") != "down" for (v, _), b in view.items()
-                            if v == key[0])
-        if op == "remove":
-            view.pop(key, None)
-        elif op == "add":
-            view[key] = {"weight": command.get("weight", 1), "state": command.get("state", "up")}
-        elif key in view:
-            if op == "weight":
-                view[key] = dict(view[key], weight=command["weight"])
-            elif op == "state":
-                state = str(command["state"])
-                if state == "down" and not command.get("cut", True):
-                    state = "draining"  # as the engine does it: keep = drain
-                view[key] = dict(view[key], state=state)
+    def command(self, command: PoolCommand) -> None:
+        """Send a pool command (as ``self.backends`` gave it) to every worker, and
+        through the replay to every future one."""
+        vip, ip = command.vip, command.backend
+        was_empty = next(self.backends.serving(vip), None) is None
+        command = self.backends.sent(command)
+        if isinstance(command, AddBackend) and self.plan.nft:
+            try:
+                self.kernel.map_backend(ip.version, self.backends.index_of(vip, ip), ip)
+            except KernelError as e:  # the workers may still use it; NAT would not
+                log.error("event=backend-not-mapped backend=%s error=%s", ip, e)
         for child in self.children:
             if child.pid:
                 self._send(child, command)
         if not self.conntrack:
             return
-        if (op == "remove" and not command.get("graceful")) or (
-                op == "state" and command.get("state") == "down" and command.get("cut", True)):
+        if (isinstance(command, RemoveBackend) and not command.graceful) or (
+                isinstance(command, SetState) and command.state is State.DOWN
+                and command.cut):
             # The workers choose elsewhere from now on; the kernel must forget the
             # connections it still carries to this backend and its clients. Once
             # more a moment later, for a first packet a worker answered before it
             # heard the news.
-            mark = self.mark_of(*key)
+            mark = self.backends.mark_of(vip, ip)
             self._forget(mark)
             self._forget_again.append((time.monotonic() + FORGET_AGAIN, mark))
-        elif op == "remove":
+        elif isinstance(command, RemoveBackend):
             # Leaving gracefully: its connections finish, and its clients stay as
             # long as the workers' tables keep them; the kernel, which refreshes a
             # client at each new connection, must not keep sending them there for
             # ever. (Draining needs nothing: the same rule holds in both.)
-            self._forget(self.mark_of(*key), connections=False)
-        elif was_empty and (op == "add" or (op == "state" and command.get("state") == "up")):
+            self._forget(self.backends.mark_of(vip, ip), connections=False)
+        elif was_empty and (isinstance(command, AddBackend) or (
+                isinstance(command, SetState) and command.state is State.UP)):
             self._forget_unbalanced()
 
     def _forget(self, mark: int, connections: bool = True) -> None:
@@ -303,8 +270,7 @@ class Supervisor:
             log.info("event=unbalanced-forgotten connections=%d", n)
 
     def _serving_marks(self) -> set[int]:
-        return {self.mark_of(vip, ip)
-                for (vip, ip), b in self.pool_view.items() if b.get("state") != "down"}
+        return {self.backends.mark_of(*key) for key in self.backends.serving()}
 
     def _remember_clients(self) -> None:
         """The workers' decisions into the kernel's client maps, except for backends
@@ -314,10 +280,7 @@ class Supervisor:
         entries = []
         for client, mark in learned:
             if mark in serving:
-                try:
-                    entries.append((ipaddress.ip_address(bytes.fromhex(client)), int(mark)))
-                except (ValueError, TypeError):
-                    pass
+                entries.append((ipaddress.ip_address(client), mark))
         try:
             self.kernel.remember_clients(entries, int(self.config.client_timeout))
         except Exception as e:
@@ -328,36 +291,16 @@ class Supervisor:
     def vips(self) -> list[str]:
         return [str(self.config.vip4 if f == 4 else self.config.vip6) for f in self.families]
 
-    def effective_command(self, vip: str, ip: str) -> dict[str, object]:
-        """The state command that the operator's word, health and the configured
-        state add up to (see ``loaded.daemon.control``)."""
-        command: dict[str, object] = {"op": "state", "vip": vip, "backend": ip}
-        admin = self.admin.get((vip, ip), "enabled")
-        if admin == "disabled":
-            return dict(command, state="down", cut=True)  # the operator said: now
-        if admin == "enabled" and self.health_down.get((vip, ip)):
-            return dict(command, state="down", cut=self.config.on_backend_down == "cut")
-        return dict(command, state=self.admin_state(vip, ip).value)
-
-    def admin_state(self, vip: str, ip: str) -> State:
-        """The state without health: the operator's word, else the configured one."""
-        admin = self.admin.get((vip, ip), "enabled")
-        if admin == "disabled":
-            return State.DOWN
-        if admin == "drain":
-            return State.DRAINING
-        return self.configured_state.get((vip, ip), State.UP)
-
     def own_addresses(self) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         try:
             return set(self.kernel.own_addresses())
         except Exception:
             return set()
 
-    def watch(self, vip: str, ip: str) -> None:
+    def watch(self, vip: IPAddress, ip: IPAddress) -> None:
         if self.health is not None:
-            self.health.watch(ipaddress.ip_address(vip), ipaddress.ip_address(ip))
-        self._pin_later(ipaddress.ip_address(ip))
+            self.health.watch(vip, ip)
+        self._pin_later(ip)
 
     def _pin_later(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
         """A backend that joined at run time: its neighbour entry is pinned by the
@@ -365,15 +308,14 @@ class Supervisor:
         if self.config.private_nic:
             self.kernel.unresolved.append(Neighbour(self.config.private_nic, ip))
 
-    def unwatch(self, vip: str, ip: str) -> None:
+    def unwatch(self, vip: IPAddress, ip: IPAddress) -> None:
         if self.health is not None:
-            self.health.unwatch(ipaddress.ip_address(vip), ipaddress.ip_address(ip))
-        self.health_down.pop((vip, ip), None)
+            self.health.unwatch(vip, ip)
 
     # --- questions to the workers ------------------------------------------------
 
-    def ask(self, query: dict[str, Any], done: Callable[[list[dict[str, Any]]], None],
-            timeout: float, only: dict[int, dict[str, Any]] | None = None) -> None:
+    def ask(self, query: Query | None, done: Callable[[list[Reply]], None],
+            timeout: float, only: dict[int, Query] | None = None) -> None:
         """Send ``query`` (or, per worker index, ``only``'s query) to the workers
         that run; ``done(replies)`` runs in the main loop."""
         qid = next(self._qids)
@@ -386,16 +328,17 @@ class Supervisor:
         self._queries[qid] = q
         for c in targets:
             body = query if only is None else only[c.spec.index]
-            self._send(c, dict(body, op="query", id=qid))
+            assert body is not None
+            self._send(c, dataclasses.replace(body, id=qid))
 
-    def _on_reply(self, child: _Child, msg: dict[str, Any]) -> None:
-        q = self._queries.get(msg.get("reply", -1))
+    def _on_reply(self, child: _Child, reply: Reply) -> None:
+        q = self._queries.get(reply.id)
         if q is None:
             return
-        q.replies.append(msg)
+        q.replies.append(reply)
         q.expected.discard(child.spec.index)
         if not q.expected:
-            del self._queries[msg["reply"]]
+            del self._queries[reply.id]
             q.done(q.replies)
 
     def _expire_queries(self, now: float) -> None:
@@ -417,7 +360,10 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         health = self.health.status() if self.health is not None else []
-        extra = {k: dict(v, mark=self.mark_of(*k)) for k, v in self.pool_view.items()}
+        states = self.backends
+        extra = {(str(v), str(ip)): dict(entry.to_json(), mark=states.mark_of(v, ip))
+                 for (v, ip), entry in states.pooled()}
+        known = states.keys()
         endpoints: dict[str, str] = {}
         if self.web is not None:
             endpoints = {"status": self.web.url + "/", "metrics": self.web.url + "/metrics"}
@@ -431,7 +377,9 @@ class Supervisor:
                     "started_at": self._started_wall},
             vips=[(f, v) for f, v in zip(self.families, self.vips(), strict=True)],
             strategy=self.config.strategy, datapath=self.plan.datapath, workers=workers,
-            health=health, admin=self.admin, transitions=self.transitions,
+            health=health,
+            admin={(str(v), str(ip)): states.admin(v, ip).value for v, ip in known},
+            transitions={(str(v), str(ip)): states.transitions(v, ip) for v, ip in known},
             counters=self._counters if self.conntrack else None,
             reply_counters=None if self.conntrack else self._counters,
             kernel_queues={str(k): v for k, v in read_proc_stats().items()
@@ -468,8 +416,8 @@ class Supervisor:
                  self.web.url if self.web else "-")
 
     @staticmethod
-    def _send(child: _Child, command: dict[str, object]) -> None:
-        view = memoryview(json.dumps(command).encode() + b"\n")
+    def _send(child: _Child, message: PoolCommand | Query) -> None:
+        view = memoryview(encode(message))
         try:
             while view:  # a write cut short by a signal must not cut the line
                 view = view[os.write(child.control, view):]
@@ -521,15 +469,16 @@ class Supervisor:
         *lines, child.buf = child.buf.split(b"\n")
         for line in lines:
             try:
-                msg = json.loads(line)
-            except ValueError:
+                msg = decode(line)
+            except MessageError as e:
+                log.warning("event=bad-report queue=%d error=%s", child.spec.queue, e)
                 continue
-            if "reply" in msg:
+            if isinstance(msg, Reply):
                 self._on_reply(child, msg)
-            elif "learned" in msg:
-                self._learned.extend(msg["learned"])
-            else:
-                child.last = msg
+            elif isinstance(msg, Learned):
+                self._learned.extend(msg.clients)
+            elif isinstance(msg, Report):
+                child.last = dict(msg.snapshot)
                 child.ready = True
 
     # --- main loop -----------------------------------------------------------
@@ -589,17 +538,18 @@ class Supervisor:
         if not queries:
             return
 
-        def done(replies: list[dict[str, Any]]) -> None:
-            restored = sum(int(r.get("result", {}).get("restored", 0)) for r in replies)
-            errors = [r["error"] for r in replies if "error" in r]
+        def done(replies: list[Reply]) -> None:
+            restored = sum(int((r.result or {}).get("restored", 0)) for r in replies
+                           if r.error is None)
+            errors = [r.error for r in replies if r.error is not None]
             log.info("event=clients-restored count=%d workers=%d errors=%s", restored,
                      len(replies), errors[:1] or "none")
 
-        self.ask({}, done, 10.0, only=queries)
+        self.ask(None, done, 10.0, only=queries)
         self._wait_queries(10.0)
 
     def _save_tables(self) -> None:
-        self.ask({"query": "dump"}, self.operator.save_tables, 5.0)
+        self.ask(DumpQuery(), self.operator.save_tables, 5.0)
         self._wait_queries(5.0)
 
     def _wait_ready(self) -> bool:
@@ -635,26 +585,16 @@ class Supervisor:
                 event = self._events.get_nowait()
             except queue.Empty:
                 return
-            command = pool_command(event, cut=cut)
+            # What health, the operator and the (possibly reloaded) configured
+            # state add up to, not the state the monitor was built with.
+            command = self.backends.health(event, cut=cut)
             if command is None:
+                if isinstance(event, StateChanged):
+                    admin = self.backends.admin(event.vip, event.ip)
+                    if admin not in HEALTH_FOLLOWS:
+                        log.info("event=health-not-applied vip=%s backend=%s up=%s admin=%s",
+                                 event.vip, event.ip, event.up, admin.value)
                 continue
-            key = (str(command["vip"]), str(command["backend"]))
-            if isinstance(event, StateChanged):
-                self.health_down[key] = not event.up
-                self.transitions[key] += 1
-                if self.admin.get(key, "enabled") != "enabled":
-                    log.info("event=health-not-applied vip=%s backend=%s up=%s admin=%s",
-                             *key, event.up, self.admin[key])
-                    continue
-                # What health, the operator and the (possibly reloaded) configured
-                # state add up to, not the state the monitor was built with.
-                command = self.effective_command(*key)
-            elif isinstance(event, HostAdded):
-                self.configured_state[key] = State.UP
-                self.health_down[key] = True  # discovered hosts start down
-            elif isinstance(event, HostRemoved):
-                self.admin.pop(key, None)
-                self.health_down.pop(key, None)
             self.command(command)
             if isinstance(event, HostAdded):
                 self._pin_later(event.ip)

@@ -6,7 +6,6 @@ chroot, because nothing can be loaded from disk afterwards.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
@@ -17,6 +16,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from loaded.core.checksum import ones_sum
+from loaded.core.commands import (
+    ClientsQuery,
+    DumpQuery,
+    Learned,
+    LookupQuery,
+    MessageError,
+    PoolCommand,
+    PreviewQuery,
+    Query,
+    Reply,
+    Report,
+    decode,
+    encode,
+)
 from loaded.core.engine import Engine
 from loaded.core.errors import PacketError, Reason
 from loaded.core.packet import source_address
@@ -70,7 +83,7 @@ class Worker:
         self.refused = 0  # packets refused by the local stack: no backend was up
         self.stopping = False
         self._next_report = 0.0
-        self._learned: list[tuple[str, int]] = []  # (packed client address, hex; mark)
+        self._learned: list[tuple[bytes, int]] = []  # (packed client address, mark)
         self.learned_dropped = 0
         self.queue: NfQueue | None = None
 
@@ -100,7 +113,7 @@ class Worker:
             return self._failed(e)
         if b is None:
             return ACCEPT_UNCHANGED
-        self._learned.append((source_address(payload).hex(), b.mark))
+        self._learned.append((source_address(payload), b.mark))
         return b.mark
 
     def _failed(self, e: Exception) -> int:
@@ -126,8 +139,7 @@ class Worker:
             # connection. Only an optimisation: with the pipe full, it is dropped
             # and the client's next connection is decided here again.
             learned, self._learned = self._learned, []
-            if not self._write(json.dumps({"learned": learned}).encode() + b"\n",
-                               timeout=1.0, droppable=True):
+            if not self._write(encode(Learned(tuple(learned))), timeout=1.0, droppable=True):
                 self.learned_dropped += len(learned)
         if now < self._next_report:
             return
@@ -137,7 +149,7 @@ class Worker:
         self.report()
 
     def on_control(self) -> None:
-        """Pool commands from the supervisor, one JSON object per line."""
+        """Pool commands and queries from the supervisor, one message per line."""
         try:
             data = os.read(self.control_fd, 65536)
         except BlockingIOError:
@@ -149,42 +161,44 @@ class Worker:
         now = time.monotonic()
         for line in lines:
             try:
-                command = json.loads(line)
-                if command.get("op") == "query":
-                    self.answer(command)
+                message = decode(line)
+                if isinstance(message, PoolCommand):
+                    b = self.engine.apply(message, now)
+                elif isinstance(message, Query):
+                    self.answer(message)
                     continue
-                b = self.engine.apply(command, now)
-            except (ValueError, KeyError, TypeError) as e:
+                else:
+                    raise MessageError(f"{message.type} is no message for a worker")
+            except (ValueError, KeyError) as e:  # garbage, or a command the pool refuses
                 log.warning("event=bad-command queue=%d command=%r error=%s", self.spec.queue,
                             line[:200], e)
                 continue
             log.debug("event=applied queue=%d op=%s backend=%s state=%s", self.spec.queue,
-                      command.get("op"), b.ip, b.state.value)
+                      message.op, b.ip, b.state.value)
 
-    def answer(self, query: dict[str, Any]) -> None:
+    def answer(self, query: Query) -> None:
         """A question from the supervisor (for the control socket): answered on the
-        report pipe as ``{"reply": id, "result": ...}`` or ``{"reply": id, "error": ...}``."""
+        report pipe by a ``Reply`` with its result or error."""
         now = time.monotonic()
-        what = query.get("query")
-        reply: dict[str, Any] = {"reply": query.get("id"), "index": self.spec.index}
+        result: Any = None
+        error: str | None = None
         try:
-            if what == "preview":
-                reply["result"] = preview(self.engine, query["command"], now).to_json()
-            elif what == "lookup":
-                reply["result"] = lookup_client(self.engine, str(query["client"]), now)
-            elif what == "clients":
-                reply["result"] = list_clients(self.engine, now, query.get("vip"),
-                                               query.get("limit"))
-            elif what == "dump":
-                reply["result"] = dump_tables(self.engine, now, time.time())
-            elif what == "restore":
-                reply["result"] = restore_tables(self.engine, query["data"], now, time.time(),
-                                                 float(query["max_age"])).to_json()
+            if isinstance(query, PreviewQuery):
+                result = preview(self.engine, query.command, now).to_json()
+            elif isinstance(query, LookupQuery):
+                result = lookup_client(self.engine, str(query.client), now)
+            elif isinstance(query, ClientsQuery):
+                result = list_clients(self.engine, now,
+                                      None if query.vip is None else str(query.vip),
+                                      query.limit)
+            elif isinstance(query, DumpQuery):
+                result = dump_tables(self.engine, now, time.time())
             else:
-                raise ValueError(f"unknown query {what!r}")
+                result = restore_tables(self.engine, query.data, now, time.time(),
+                                        query.max_age).to_json()
         except (ValueError, KeyError, TypeError, LookupError) as e:
-            reply["error"] = str(e) or type(e).__name__
-        self._write(json.dumps(reply).encode() + b"\n")
+            error = str(e) or type(e).__name__
+        self._write(encode(Reply(query.id, self.spec.index, result, error)))
 
     def _write(self, data: bytes, timeout: float = 10.0, droppable: bool = False) -> bool:
         """All of ``data`` on the (non-blocking) report pipe: a reply may be far
@@ -243,7 +257,7 @@ class Worker:
 
     def report(self) -> None:
         # Droppable: the next report, a second later, says it all again.
-        self._write(json.dumps(self.snapshot()).encode() + b"\n", timeout=1.0, droppable=True)
+        self._write(encode(Report(self.snapshot())), timeout=1.0, droppable=True)
 
     def warm_up(self) -> None:
         """Run the engine's code paths once so nothing is loaded lazily after chroot."""
@@ -259,7 +273,7 @@ class Worker:
             except PacketError:
                 pass
         ones_sum(bytes(1500))  # the numpy branch, for GSO packets
-        json.dumps({"warm": 1})
+        decode(encode(Report({"warm": 1})))
         time.process_time()
 
     def run(self) -> int:
