@@ -266,16 +266,25 @@ def _mark_match(key: dict[str, Any], version: int) -> dict[str, Any]:
         "prefix": {"addr": ct_mark(version, 0), "len": CT_FAMILY_MASK.bit_count()}}}}
 
 
-def nft_backend(tag: str, version: int, index: int, ip: IPAddress) -> list[dict[str, Any]]:
-    """Commands that make ``ip`` a target of the conntrack path under its mark."""
+def _mark_target(tag: str, version: int, index: int, ip: IPAddress,
+                 counted_by: tuple[str, object]) -> list[dict[str, Any]]:
+    """``ip`` the destination of its mark (``@backends4``/``6``), with its counter,
+    which the map ``counted_by`` = (name, key) points at."""
     t = {"family": "inet", "table": nft_table_name(tag)}
     mark = ct_mark(version, index)
     name = counter_name(mark)
+    counters, key = counted_by
     return [
         {"add": {"counter": {**t, "name": name}}},
         {"add": {"element": {**t, "name": f"backends{version}", "elem": [[mark, str(ip)]]}}},
-        {"add": {"element": {**t, "name": "counters", "elem": [[mark, name]]}}},
+        {"add": {"element": {**t, "name": counters, "elem": [[key, name]]}}},
     ]
+
+
+def nft_backend(tag: str, version: int, index: int, ip: IPAddress) -> list[dict[str, Any]]:
+    """Commands that make ``ip`` a target of the conntrack path under its mark,
+    its connections counted by their mark."""
+    return _mark_target(tag, version, index, ip, ("counters", ct_mark(version, index)))
 
 
 def nft_recall(tag: str, vips: dict[int, IPAddress], timeout: int) -> tuple[str, ...]:
@@ -364,14 +373,7 @@ def nft_perpacket_backend(tag: str, version: int, index: int, ip: IPAddress
     """Commands that make ``ip`` the destination of its mark and count its replies,
     rewritten in the kernel, under that mark's counter (the per-packet path's
     counterpart of ``nft_backend``)."""
-    t = {"family": "inet", "table": nft_table_name(tag)}
-    mark = ct_mark(version, index)
-    name = counter_name(mark)
-    return [
-        {"add": {"counter": {**t, "name": name}}},
-        {"add": {"element": {**t, "name": f"backends{version}", "elem": [[mark, str(ip)]]}}},
-        {"add": {"element": {**t, "name": reply_counters(version), "elem": [[str(ip), name]]}}},
-    ]
+    return _mark_target(tag, version, index, ip, (reply_counters(version), str(ip)))
 
 
 def nft_perpacket_ruleset(tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNetwork],
