@@ -98,9 +98,10 @@ KINDS: tuple[Kind, ...] = (
          "truncated-l4-header", INVALID, backend_side=True),
     Kind("v4 UDP header cut at 3 bytes", 4, lambda s, d, p: ip4(17, b"\x00\x01\x1f", s, d),
          "truncated-l4-header", INVALID),
-    # Found by the storm: the per-packet engine's IPv6 fast path read the UDP
-    # length (bytes 44-45) before checking that the payload holds a UDP header,
-    # and counted these as internal errors (fixed in 609ac03).
+    # The per-packet engine's IPv6 fast path once read the UDP length (bytes
+    # 44-45) before checking that the payload holds a UDP header, and counted
+    # these as internal errors (found by the fuzz campaign and, on the wire, by
+    # the storm; fixed in 609ac03).
     Kind("v6 UDP header cut at 2 bytes", 6, lambda s, d, p: ip6(17, b"\x00\x01", s, d),
          "truncated-l4-header", INVALID),
     Kind("v6 UDP length 4", 6, lambda s, d, p: ip6(17, UDP_LEN4, s, d), "bad-l4-header", INVALID),
