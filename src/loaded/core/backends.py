@@ -192,10 +192,11 @@ class BackendStates:
         for (v, ip), index in backend_indexes(config, families).items():
             self._indexes[(ipaddress.ip_address(v), ipaddress.ip_address(ip))] = index
         for family in families:
-            vip = config.vip4 if family == 4 else config.vip6
+            fc = config.family(family)
+            vip = fc.vip
             if vip is None:
                 continue
-            for spec in config.servers4 if family == 4 else config.servers6:
+            for spec in fc.servers:
                 self._backends[(vip, spec.ip)] = _Backend(
                     spec.state, pool=PoolEntry(spec.weight, spec.state))
 

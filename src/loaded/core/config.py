@@ -169,6 +169,24 @@ class BackendSpec:
 
 
 @dataclass(frozen=True)
+class FamilyConfig:
+    """The keys that come once per address family, for one family: what code that
+    serves "the VIP of family f" reads, instead of choosing ``vip4`` or ``vip6``."""
+
+    family: int
+    vip: IPv4Address | IPv6Address | None
+    vip_prefix: int | None
+    servers: tuple[BackendSpec, ...]
+    rip: IPv4Network | IPv6Network | None
+    private_gw: IPv4Address | IPv6Address | None
+
+    @property
+    def full_prefix(self) -> int:
+        """A host's prefix length in this family."""
+        return 32 if self.family == 4 else 128
+
+
+@dataclass(frozen=True)
 class Config:
     """A checked configuration. ``warnings`` holds what was found but tolerated."""
 
@@ -224,6 +242,16 @@ class Config:
     def line_of(self, key: str) -> int:
         """The line that set ``key``; 0 when the default applies."""
         return next((no for k, no in self.key_lines if k == key), 0)
+
+    def family(self, family: int) -> FamilyConfig:
+        """The per-family keys of ``family`` (4 or 6)."""
+        if family == 4:
+            return FamilyConfig(4, self.vip4, self.vip4_prefix, self.servers4, self.rip4,
+                                self.private_gw4)
+        if family == 6:
+            return FamilyConfig(6, self.vip6, self.vip6_prefix, self.servers6, self.rip6,
+                                self.private_gw6)
+        raise ValueError(f"family must be 4 or 6, not {family!r}")
 
     def families(self) -> tuple[int, ...]:
         """The address families that have a VIP: (4,), (6,) or (4, 6)."""

@@ -501,9 +501,9 @@ def backend_indexes(config: Config, families: Iterable[int]) -> dict[tuple[str, 
     path's marks), the supervisor and every worker start from."""
     out: dict[tuple[str, str], int] = {}
     for family in families:
-        vip = config.vip4 if family == 4 else config.vip6
-        for i, spec in enumerate(config.servers4 if family == 4 else config.servers6):
-            out[(str(vip), str(spec.ip))] = i
+        fc = config.family(family)
+        for i, spec in enumerate(fc.servers):
+            out[(str(fc.vip), str(spec.ip))] = i
     return out
 
 
@@ -527,14 +527,8 @@ def build_engine(config: Config, now: float, families: Iterable[int] | None = No
     """
     services = []
     for family in families if families is not None else config.families():
-        vip: IPAddress | None
-        real_net: IPNetwork | None
-        if family == 4:
-            vip = config.vip4
-            specs, real_net = config.servers4, config.rip4
-        else:
-            vip = config.vip6
-            specs, real_net = config.servers6, config.rip6
+        fc = config.family(family)
+        vip, specs, real_net = fc.vip, fc.servers, fc.rip
         if vip is None:
             raise ValueError(f"no IPv{family} VIP in {config.path}")
         pool = Pool(vip)

@@ -431,13 +431,8 @@ class HealthMonitor:
         services = []
         mine: set[IPAddress] = set(own)
         for family in families if families is not None else config.families():
-            vip: IPAddress | None
-            rip: IPNetwork | None
-            gw: IPAddress | None
-            if family == 4:
-                vip, specs, rip, gw = config.vip4, config.servers4, config.rip4, config.private_gw4
-            else:
-                vip, specs, rip, gw = config.vip6, config.servers6, config.rip6, config.private_gw6
+            fc = config.family(family)
+            vip, specs, rip, gw = fc.vip, fc.servers, fc.rip, fc.private_gw
             if vip is None:
                 raise ValueError(f"no IPv{family} VIP in {config.path}")
             mine.add(vip)

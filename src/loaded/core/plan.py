@@ -184,7 +184,7 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
     missing = [k for k, v in (("public_NIC", config.public_nic),
                               ("private_NIC", config.private_nic)) if not v]
     for family in families:
-        if (config.rip4 if family == 4 else config.rip6) is None:
+        if config.family(family).rip is None:
             missing.append(f"RIP{family}")
     if missing:
         raise PlanError(f"{config.path}: the kernel set-up needs {', '.join(missing)}")
@@ -202,17 +202,10 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
     rips: dict[int, IPNetwork] = {}
     initial: list[tuple[int, int, IPAddress]] = []  # (family, index, address)
     for family in families:
-        vip: IPAddress | None
-        gw: IPAddress | None
-        rip: IPNetwork | None
-        if family == 4:
-            vip, vprefix, gw, rip = config.vip4, config.vip4_prefix, config.private_gw4, config.rip4
-            specs = config.servers4
-        else:
-            vip, vprefix, gw, rip = config.vip6, config.vip6_prefix, config.private_gw6, config.rip6
-            specs = config.servers6
+        fc = config.family(family)
+        vip, vprefix, gw, rip, specs = fc.vip, fc.vip_prefix, fc.private_gw, fc.rip, fc.servers
         assert vip is not None and rip is not None
-        full = 32 if family == 4 else 128
+        full = fc.full_prefix
         addresses.append(Address(pub, vip, full if vprefix is None else vprefix, "VIP"))
         if gw is not None:
             if gw in rip:

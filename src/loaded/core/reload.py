@@ -195,9 +195,9 @@ def running_from_config(config: Config, families: Iterable[int]) -> dict[str, di
     """The running pools as a daemon started from ``config`` has them before any change."""
     out: dict[str, dict[str, tuple[int, State | str]]] = {}
     for family in families:
-        vip = _vip(config, family)
+        vip = config.family(family).vip
         if vip is not None:
-            out[str(vip)] = {str(s.ip): (s.weight, s.state) for s in _servers(config, family)}
+            out[str(vip)] = {str(s.ip): (s.weight, s.state) for s in config.family(family).servers}
     return out
 
 
@@ -217,7 +217,7 @@ def diff_configs(old: Config, new: Config, families: Iterable[int],
     changes: list[BackendChange] = []
     notes: list[str] = []
     for family in families:
-        old_vip, new_vip = _vip(old, family), _vip(new, family)
+        old_vip, new_vip = old.family(family).vip, new.family(family).vip
         if old_vip is None or new_vip is None or old_vip != new_vip:
             if old_vip is not None or new_vip is not None:
                 notes.append(f"VIP{family} changed ({old_vip or 'none'} -> {new_vip or 'none'}):"
@@ -227,7 +227,7 @@ def diff_configs(old: Config, new: Config, families: Iterable[int],
         if pool is None:
             notes.append(f"VIP{family} {new_vip} has no running pool: nothing to reload")
             continue
-        c, n = _diff_pool(new_vip, _servers(old, family), _servers(new, family), pool)
+        c, n = _diff_pool(new_vip, old.family(family).servers, new.family(family).servers, pool)
         changes += c
         notes += n
     return ReloadPlan(tuple(_ordered(changes)), tuple(_settings(old, new, families)),
@@ -235,14 +235,6 @@ def diff_configs(old: Config, new: Config, families: Iterable[int],
 
 
 # --- internals -----------------------------------------------------------------
-
-
-def _vip(config: Config, family: int) -> IPAddress | None:
-    return config.vip4 if family == 4 else config.vip6
-
-
-def _servers(config: Config, family: int) -> tuple[BackendSpec, ...]:
-    return config.servers4 if family == 4 else config.servers6
 
 
 def _normalise(running: Running) -> dict[IPAddress, dict[IPAddress, tuple[int, State]]]:

@@ -289,7 +289,7 @@ class Supervisor:
     # --- the operator's view ---------------------------------------------------
 
     def vips(self) -> list[str]:
-        return [str(self.config.vip4 if f == 4 else self.config.vip6) for f in self.families]
+        return [str(self.config.family(f).vip) for f in self.families]
 
     def own_addresses(self) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         try:
