@@ -91,3 +91,21 @@ def test_fragmented_datagrams_both_ways(lab: Lab, daemon_factory: Any, family: i
     assert echoed == payload
     assert d.stop() == 0
     assert d.problems() == []
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_backends_icmp_error_reaches_the_clients_socket(lab: Lab, daemon_factory: Any,
+                                                          family: int, datapath: str) -> None:
+    """A datagram to a port no backend listens on: the backend's port unreachable
+    quotes the packet it got (client -> backend). Only if the balancer rewrites
+    the outer source and the quoted destination to the VIP does the client's
+    connected socket see it, as a refusal, at once instead of a timeout."""
+    d: Daemon = daemon_factory().start()
+    client = (lab.clients4 if family == 4 else lab.clients6)[4]
+    vip = lab.vip4 if family == 4 else lab.vip6
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        traffic.udp_request(client, vip, PORT + 1, timeout=4, attempts=2, ns=lab.ns("cl"))
+    assert time.monotonic() - started < 3.5
+    assert d.stop() == 0
+    assert d.problems() == []
