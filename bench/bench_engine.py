@@ -2,10 +2,12 @@
 
 Measures, for an established client's TCP packet (the common case), the time
 of parse + decide + rewrite through ``Engine.handle`` (fast path) and through
-``Engine.handle_general`` (every check, no shortcut), IPv4 and IPv6, plus a few
-rarer shapes. A baseline measured in the same run (restore the packet bytes and
-look up the destination address in a dict: the least any balancer in Python must
-do) gives ratios that survive a noisy machine.
+``Engine.handle_general`` (every check, no shortcut), of parse + decide through
+``Engine.steer`` (what the per-packet worker does when the kernel rewrites by
+mark), IPv4 and IPv6, plus a few rarer shapes. A baseline measured in the same
+run (restore the packet bytes and look up the destination address in a dict:
+the least any balancer in Python must do) gives ratios that survive a noisy
+machine.
 
     .venv/bin/python bench/bench_engine.py [--packets N] [--repeat R]
 """
@@ -104,8 +106,13 @@ def main() -> None:
             b[:] = orig
             return eng.handle(memoryview(b), 1.0)
 
+        def steer(b: bytearray, orig: bytes, eng: Engine = eng) -> object:
+            b[:] = orig  # steer writes nothing; kept so that the cases compare
+            return eng.steer(memoryview(b), 1.0)
+
         base = per_packet_ns(baseline, packets, n, r)
         for name, fn in (("handle (fast path)", fast), ("handle on a memoryview", fast_mv),
+                         ("steer (the kernel rewrites)", steer),
                          ("handle_general", general)):
             t = per_packet_ns(fn, packets, n, r)
             rows.append((f"IPv{family} TCP, established: {name}", t, t - base, t / base))
