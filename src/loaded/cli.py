@@ -154,7 +154,7 @@ def paths_ok(config: Config, path: str) -> bool:
     problems printed to stderr."""
     from loaded.control.protocol import socket_path
     from loaded.core.plan import instance_tag
-    from loaded.daemon.control import persist_path
+    from loaded.daemon.operator import persist_path
     from loaded.io.preflight import check_paths
 
     tag = instance_tag(os.path.abspath(path))

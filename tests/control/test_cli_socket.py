@@ -20,6 +20,8 @@ from loaded.control.protocol import ControlError
 from loaded.control.server import ControlServer
 from loaded.core.plan import instance_tag
 
+from .loop import poll
+
 
 @pytest.fixture
 def rundir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
@@ -51,7 +53,7 @@ class Daemon:
 
     def loop(self) -> None:
         while not self.stop.is_set():
-            self.server.poll(0.02)
+            poll(self.server, 0.02)
 
     def close(self) -> None:
         self.stop.set()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from loaded.core.health import TargetStatus
-from loaded.daemon.control import _merge_lists, _merge_lookups
+from loaded.daemon.operator import _merge_lists, _merge_lookups
 from loaded.daemon.status import build_status
 from tests.daemon.test_supervisor import servers, supervisor
 

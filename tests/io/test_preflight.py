@@ -20,7 +20,7 @@ from loaded.cli import main
 from loaded.core.commands import Reply, RestoreQuery
 from loaded.core.config import load_config
 from loaded.core.persist import saved_document
-from loaded.daemon.control import Operator
+from loaded.daemon.operator import Operator
 from loaded.io.files import NotAFileError, write_atomic
 from loaded.io.preflight import check_paths, foreign_file, foreign_socket
 

@@ -18,9 +18,8 @@ Server rules:
   logged with its traceback), or returns a ``Pending`` for an answer that
   comes later (from the workers): the supervisor then calls
   ``respond(token, result)`` or ``fail(token, message)``. A pending request not
-  answered within its timeout is answered by its ``on_timeout`` (the result it
-  returns, e.g. the workers that did answer) or with a timeout error; an answer
-  that comes later is dropped (``respond`` returns False).
+  answered within its timeout is answered with a timeout error; an answer that
+  comes later is dropped (``respond`` returns False).
 - A line longer than ``max_request`` gets an error response and the
   connection closes once it is sent. At end of input, a last line without a
   newline is still a request, and the connection closes once every answer is
@@ -41,7 +40,6 @@ import grp
 import itertools
 import logging
 import os
-import select
 import socket
 import stat
 import struct
@@ -83,13 +81,11 @@ class Pending:
     """Returned by a handler whose answer comes later; ``token`` names it to
     ``ControlServer.respond``. ``timeout`` None: the server's default."""
 
-    __slots__ = ("on_timeout", "timeout", "token")
+    __slots__ = ("timeout", "token")
 
-    def __init__(self, timeout: float | None = None,
-                 on_timeout: Callable[[], Any] | None = None) -> None:
+    def __init__(self, timeout: float | None = None) -> None:
         self.token = next(_tokens)
         self.timeout = timeout
-        self.on_timeout = on_timeout
 
     def __repr__(self) -> str:
         return f"Pending({self.token})"
@@ -254,22 +250,6 @@ class ControlServer:
                 log.exception("event=control-error")
                 self._close(conn)
 
-    def poll(self, timeout: float | None) -> None:
-        """One round of ``select`` over this server's descriptors alone: for a loop
-        that has nothing else to watch (and for tests)."""
-        wait = self.next_timeout()
-        if timeout is not None:
-            wait = timeout if wait is None else min(wait, timeout)
-        try:
-            readable, writable, _ = select.select(self.read_fds(), self.write_fds(), [], wait)
-        except InterruptedError:
-            readable, writable = [], []
-        for fd in writable:
-            self.on_writable(fd)
-        for fd in readable:
-            self.on_readable(fd)
-        self.tick()
-
     # --- deferred answers ---------------------------------------------------------
 
     def respond(self, token: int, result: Any) -> bool:
@@ -301,11 +281,8 @@ class ControlServer:
         self._pending.pop(p.token, None)
         conn.pending = None
         conn.last = self.clock()
-        if p.on_timeout is not None:
-            response = self._call(p.on_timeout)
-        else:
-            waited = self.timeout if p.timeout is None else p.timeout
-            response = error(f"timed out after {waited:g}s waiting for the workers")
+        waited = self.timeout if p.timeout is None else p.timeout
+        response = error(f"timed out after {waited:g}s waiting for the workers")
         self._send(conn, response)
         self._process(conn)
 

@@ -69,7 +69,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _ADDR4 = struct.Struct("4s4s").unpack_from
 _ADDR6 = struct.Struct("16s16s").unpack_from
-_DNS_PORT = 53
 
 
 class Service:

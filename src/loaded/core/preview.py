@@ -55,7 +55,6 @@ __all__ = [
     "Preview",
     "lookup_client",
     "merge_previews",
-    "plan_moves",
     "preview",
 ]
 
@@ -112,13 +111,6 @@ def _service(engine: Engine, command: PoolCommand) -> Service:
     if svc is None:
         raise KeyError(f"no service for VIP {command.vip}")
     return svc
-
-
-def plan_moves(engine: Engine, command: PoolCommand, now: float
-               ) -> dict[bytes, tuple[IPAddress, IPAddress | None]]:
-    """Every client that ``command`` would move: client -> (from, to); ``to`` None
-    when the client is balanced anew on its next packet (see the module rules)."""
-    return _compute(engine, command, now, rehash=False)[0]
 
 
 def _compute(engine: Engine, command: PoolCommand, now: float, rehash: bool

@@ -68,7 +68,7 @@ from loaded.core.health import (
 )
 from loaded.core.plan import Neighbour, Plan
 from loaded.core.pool import IPAddress, State
-from loaded.daemon.control import Operator
+from loaded.daemon.operator import Operator
 from loaded.daemon.status import build_status
 from loaded.daemon.worker import Worker, WorkerSpec
 from loaded.io.files import write_atomic

@@ -28,12 +28,13 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from loaded.control.protocol import ProtocolError, pool_command, resolve_vip
-from loaded.control.server import Pending
+from loaded.control.server import ControlServer, Pending
+from loaded.core.backends import BackendStates
 from loaded.core.commands import (
     AddBackend,
     ClientsQuery,
@@ -48,13 +49,13 @@ from loaded.core.commands import (
 from loaded.core.config import Config, load_config
 from loaded.core.errors import ConfigError
 from loaded.core.persist import NotSavedTables, merge_dumps, saved_document
+from loaded.core.plan import Plan
+from loaded.core.pool import IPAddress
 from loaded.core.preview import merge_previews
 from loaded.core.reload import diff_configs
 from loaded.io.files import write_atomic
+from loaded.io.kernel import Kernel
 from loaded.io.preflight import foreign_file, load_saved
-
-if TYPE_CHECKING:
-    from loaded.daemon.supervisor import Supervisor
 
 log = logging.getLogger("loaded.control")
 
@@ -62,9 +63,48 @@ PERSIST_DIR = Path("/var/lib/loaded")
 QUERY_TIMEOUT = 5.0
 
 
+class _WorkerSlot(Protocol):
+    @property
+    def spec(self) -> _HasIndex: ...
+
+
+class _HasIndex(Protocol):
+    @property
+    def index(self) -> int: ...
+
+
+class Daemon(Protocol):
+    """What the operator needs of the running daemon (the supervisor is one): a
+    Protocol, so that this module never imports the supervisor, which imports it."""
+
+    config: Config
+    config_path: str
+    families: tuple[int, ...]
+    backends: BackendStates
+    conntrack: bool
+
+    @property
+    def plan(self) -> Plan: ...
+    @property
+    def kernel(self) -> Kernel: ...
+    @property
+    def control(self) -> ControlServer | None: ...
+    @property
+    def children(self) -> Sequence[_WorkerSlot]: ...
+
+    def status(self) -> dict[str, Any]: ...
+    def vips(self) -> list[str]: ...
+    def own_addresses(self) -> Iterable[IPAddress]: ...
+    def command(self, command: PoolCommand) -> None: ...
+    def watch(self, vip: IPAddress, ip: IPAddress) -> None: ...
+    def unwatch(self, vip: IPAddress, ip: IPAddress) -> None: ...
+    def ask(self, query: Query | None, done: Callable[[list[Reply]], None],
+            timeout: float, only: dict[int, Query] | None = None) -> None: ...
+
+
 class Operator:
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.sup = supervisor
+    def __init__(self, daemon: Daemon) -> None:
+        self.sup = daemon
 
     # --- the control socket ---------------------------------------------------------
 
