@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loaded.core.config import parse_config
-from loaded.core.plan import MARK_BASE, Plan, PlanError, describe, instance_tag, make_plan
+from loaded.core.firewall import MARK_BASE
+from loaded.core.plan import Plan, PlanError, describe, instance_tag, make_plan
 
 BASE = """
 VIP4=198.18.1.100
@@ -107,7 +108,7 @@ def test_describe_and_tag() -> None:
 
 def test_conntrack_path_queues_only_new_connections() -> None:
     p = plan("datapath=conntrack\n")
-    assert p.datapath == "conntrack"
+    assert p.datapath.name == "conntrack"
     tables = sorted((c.family, c.table) for c in p.chains)
     # no NOTRACK and no return-path queue: conntrack carries the flows
     assert tables == [(4, "mangle"), (4, "nat"), (6, "mangle")]
@@ -165,7 +166,7 @@ def test_conntrack_path_nft_table() -> None:
 
 def test_per_packet_plan_rewrites_in_the_kernel() -> None:
     p = plan("NS=198.18.5.53\n")
-    assert p.datapath == "perpacket" and p.nft_text == ()
+    assert p.datapath.name == "perpacket" and p.nft_text == ()
     chains = {cmd["add"]["chain"]["name"]: cmd["add"]["chain"] for cmd in p.nft
               if "chain" in cmd.get("add", {})}
     # steer after the mangle chain (-150) that queues; reply before iptables'
@@ -209,4 +210,4 @@ def test_per_packet_plan_rewrites_in_the_kernel() -> None:
 
 
 def test_conntrack_is_the_default() -> None:
-    assert make_plan(parse_config(BASE, "t.conf"), (4,), "abc123", 2).datapath == "conntrack"
+    assert make_plan(parse_config(BASE, "t.conf"), (4,), "abc123", 2).datapath.name == "conntrack"

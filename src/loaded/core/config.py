@@ -107,6 +107,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+from loaded.core.datapath import DATAPATHS as _DATAPATH_OBJECTS
 from loaded.core.errors import ConfigError, Problem
 from loaded.core.pool import MAX_WEIGHT, IPAddress, State
 from loaded.core.strategies import STRATEGIES as _STRATEGY_CLASSES
@@ -130,7 +131,7 @@ __all__ = [
 ]
 
 STRATEGIES: frozenset[str] = frozenset(_STRATEGY_CLASSES)
-DATAPATHS: frozenset[str] = frozenset({"perpacket", "conntrack"})
+DATAPATHS: frozenset[str] = frozenset(_DATAPATH_OBJECTS)
 # The names the original looks for in the current directory without -c.
 DEFAULT_CONFIGS = ("loaded.conf", "loaded.config")
 CHECKS: frozenset[str] = frozenset({"icmp", "tcp", "http", "https", "udp", "none"})

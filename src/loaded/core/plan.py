@@ -40,6 +40,9 @@ Rules of the plan:
   protocol, and every ICMP error about its flows, to one worker and so to one
   client table. NFQUEUE is the iptables target because this kernel has no
   nftables ``queue`` expression.
+- What differs between the data paths is each one's object in
+  ``loaded.core.datapath`` (chains, nft table, what a backend target is); the
+  plan holds the object (``Plan.datapath``), looked up once by its name.
 - The conntrack data path (``datapath=conntrack``) queues only what conntrack
   calls NEW: the mangle jump matches ``--ctstate NEW``, and there is no raw and
   no FORWARD chain. The worker answers with a packet mark naming the backend
@@ -85,19 +88,14 @@ Rules of the plan:
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from loaded.core.config import Config
+from loaded.core.datapath import DataPath, datapath
 from loaded.core.engine import backend_indexes
-from loaded.core.pool import CT_FAMILY_MASK, CT_MARK_BASE, ct_mark
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-MARK_BASE = 0x4C440000  # "LD" in the high half: recognisable in a trace
+from loaded.core.firewall import Chain, IPAddress, IPNetwork, dns_masquerade, nft_table_name
 
 
 @dataclass(frozen=True)
@@ -127,18 +125,6 @@ class Neighbour:
 
 
 @dataclass(frozen=True)
-class Chain:
-    """A chain of our own, entered from ``hook`` by one jump rule."""
-
-    family: int
-    table: str
-    hook: str
-    name: str
-    jump_match: tuple[str, ...]  # match of the jump rule in the built-in chain
-    rules: tuple[tuple[str, ...], ...]  # each: iptables arguments after "-A <name>"
-
-
-@dataclass(frozen=True)
 class Plan:
     tag: str
     families: tuple[int, ...]
@@ -149,10 +135,10 @@ class Plan:
     sysctls: tuple[Sysctl, ...] = ()
     neighbours: tuple[Neighbour, ...] = ()
     chains: tuple[Chain, ...] = field(default=())
-    datapath: str = "perpacket"
-    # The conntrack data path's nftables table: JSON API commands that create it,
-    # then the rules the JSON API cannot express (nft 1.0.6 has no JSON form of a
-    # map ``update`` statement), in nft's own syntax, through the same library.
+    datapath: DataPath = field(default_factory=lambda: datapath(Config.datapath))
+    # The data path's nftables table: JSON API commands that create it, then the
+    # rules the JSON API cannot express (nft 1.0.6 has no JSON form of a map
+    # ``update`` statement), in nft's own syntax, through the same library.
     nft: tuple[dict[str, Any], ...] = ()
     nft_text: tuple[str, ...] = ()
 
@@ -197,7 +183,7 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
     sysctls: list[Sysctl] = []
     neighbours: list[Neighbour] = []
     chains: list[Chain] = []
-    conntrack = config.datapath == "conntrack"
+    path = datapath(config.datapath)
     vips: dict[int, IPAddress] = {}
     rips: dict[int, IPNetwork] = {}
     initial: list[tuple[int, int, IPAddress]] = []  # (family, index, address)
@@ -218,244 +204,17 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
         sysctls.extend(_sysctls(family, pub, priv))
         neighbours.extend(Neighbour(priv, s.ip) for s in specs)
         nameservers = [ns for ns in config.nameservers if ns.version == family]
-        chains.extend(_chains(family, tag, vip, rip, nameservers, queues, pub, config.fail_open,
-                              conntrack))
+        chains.extend(path.chains(family, tag, vip, rip, nameservers, queues, config.fail_open))
+        chains.extend(dns_masquerade(family, tag, rip, nameservers, pub))
         vips[family] = vip
         rips[family] = rip
         indexes = backend_indexes(config, (family,))
         initial.extend((family, indexes[(str(vip), str(s.ip))], s.ip) for s in specs)
-    if conntrack:
-        nft = nft_ruleset(tag, vips, initial, config.client_table_max)
-        recall = nft_recall(tag, vips, int(config.client_timeout))
-    else:
-        nft = nft_perpacket_ruleset(tag, vips, rips, config.nameservers, initial)
-        recall = ()
+    nft, nft_text = path.nft(tag, vips, rips, config.nameservers, initial,
+                             config.client_table_max, int(config.client_timeout))
     return Plan(tag, families, queues, cores, tuple(addresses), tuple(routes),
                 tuple(dict.fromkeys(sysctls)), tuple(neighbours), tuple(chains),
-                config.datapath, nft, recall)
-
-
-def nft_table_name(tag: str) -> str:
-    return f"loaded_{tag}"
-
-
-_COUNTER_PREFIX = "backend_"
-
-
-def counter_name(mark: int) -> str:
-    return f"{_COUNTER_PREFIX}{mark:08x}"
-
-
-def counter_mark(name: str) -> int | None:
-    """The mark a per-backend counter is named after (``counter_name``), or None."""
-    if not name.startswith(_COUNTER_PREFIX):
-        return None
-    return int(name[len(_COUNTER_PREFIX):], 16)
-
-
-def _mark_match(key: dict[str, Any], version: int) -> dict[str, Any]:
-    """``key & CT_FAMILY_MASK == base``: a backend's mark of one family."""
-    return {"match": {"op": "==", "left": key, "right": {
-        "prefix": {"addr": ct_mark(version, 0), "len": CT_FAMILY_MASK.bit_count()}}}}
-
-
-def _mark_target(tag: str, version: int, index: int, ip: IPAddress,
-                 counted_by: tuple[str, object]) -> list[dict[str, Any]]:
-    """``ip`` the destination of its mark (``@backends4``/``6``), with its counter,
-    which the map ``counted_by`` = (name, key) points at."""
-    t = {"family": "inet", "table": nft_table_name(tag)}
-    mark = ct_mark(version, index)
-    name = counter_name(mark)
-    counters, key = counted_by
-    return [
-        {"add": {"counter": {**t, "name": name}}},
-        {"add": {"element": {**t, "name": f"backends{version}", "elem": [[mark, str(ip)]]}}},
-        {"add": {"element": {**t, "name": counters, "elem": [[key, name]]}}},
-    ]
-
-
-def nft_backend(tag: str, version: int, index: int, ip: IPAddress) -> list[dict[str, Any]]:
-    """Commands that make ``ip`` a target of the conntrack path under its mark,
-    its connections counted by their mark."""
-    return _mark_target(tag, version, index, ip, ("counters", ct_mark(version, index)))
-
-
-def nft_recall(tag: str, vips: dict[int, IPAddress], timeout: int) -> tuple[str, ...]:
-    """The ``recall`` rules: a new connection from a client the workers have
-    decided for gets that client's backend mark in the kernel, and refreshes it."""
-    out = []
-    for version, vip in sorted(vips.items()):
-        ip = "ip" if version == 4 else "ip6"
-        m = f"@clients{version}"
-        out.append(f"add rule inet {nft_table_name(tag)} recall {ip} daddr {vip} ct state new "
-                   f"{ip} saddr {m} meta mark set {ip} saddr map {m} "
-                   f"update {m} {{ {ip} saddr timeout {timeout}s : meta mark }}")
-    return tuple(out)
-
-
-def nft_ruleset(tag: str, vips: dict[int, IPAddress],
-                backends: list[tuple[int, int, IPAddress]],
-                max_clients: int = 1_000_000) -> tuple[dict[str, Any], ...]:
-    """The conntrack path's table (see the module rules), as nftables JSON commands."""
-    name = nft_table_name(tag)
-    t = {"family": "inet", "table": name}
-    ct_markkey = {"ct": {"key": "mark"}}
-    meta_mark = {"meta": {"key": "mark"}}
-    cmds: list[dict[str, Any]] = [
-        {"add": {"table": {"family": "inet", "name": name}}},
-        {"add": {"counter": {**t, "name": "invalid"}}},
-        {"add": {"map": {**t, "name": "backends4", "type": "mark", "map": "ipv4_addr"}}},
-        {"add": {"map": {**t, "name": "backends6", "type": "mark", "map": "ipv6_addr"}}},
-        {"add": {"map": {**t, "name": "counters", "type": "mark", "map": "counter"}}},
-    ]
-    for version in (4, 6):
-        cmds.append({"add": {"map": {
-            **t, "name": f"clients{version}", "type": "ipv4_addr" if version == 4 else "ipv6_addr",
-            "map": "mark", "flags": ["timeout"], "size": max_clients}}})
-    for chain, kind, hook, prio in (("guard", "filter", "prerouting", -180),
-                                    ("recall", "filter", "prerouting", -170),
-                                    ("steer", "nat", "prerouting", -100),
-                                    ("tally", "filter", "forward", 0)):
-        cmds.append({"add": {"chain": {**t, "name": chain, "type": kind, "hook": hook,
-                                       "prio": prio, "policy": "accept"}}})
-    for version, vip in sorted(vips.items()):
-        proto = "ip" if version == 4 else "ip6"
-        to_vip = {"match": {"op": "==", "left": {"payload": {"protocol": proto,
-                                                              "field": "daddr"}},
-                            "right": str(vip)}}
-        cmds.append({"add": {"rule": {**t, "chain": "guard", "expr": [
-            to_vip,
-            {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}},
-            {"counter": "invalid"},
-            {"drop": None}]}}})
-        cmds.append({"add": {"rule": {**t, "chain": "steer", "expr": [
-            to_vip,
-            _mark_match(meta_mark, version),
-            {"mangle": {"key": ct_markkey, "value": meta_mark}},
-            {"dnat": {"family": proto, "addr": {"map": {
-                "key": meta_mark, "data": f"@backends{version}"}}}}]}}})
-    cmds.append({"add": {"rule": {**t, "chain": "tally", "expr": [
-        {"match": {"op": "==", "left": ct_markkey,
-                   "right": {"prefix": {"addr": CT_MARK_BASE, "len": 16}}}},
-        {"counter": {"map": {"key": ct_markkey, "data": "@counters"}}}]}}})
-    for version, index, ip in backends:
-        cmds.extend(nft_backend(tag, version, index, ip))
-    return tuple(cmds)
-
-
-_ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
-_IP = {4: "ip", 6: "ip6"}
-_TCP_UDP = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
-                      "right": {"set": ["tcp", "udp"]}}}
-# Fragments stay with the workers: only a first fragment carries the L4 header
-# whose checksum covers the addresses, and the kernel refuses to fix it in any
-# other (a rule that mangles a later fragment fails and does nothing).
-_NOT_FRAGMENT = {
-    4: {"match": {"op": "==", "right": 0, "left": {
-        "&": [{"payload": {"protocol": "ip", "field": "frag-off"}}, 0x3FFF]}}},
-    6: {"match": {"op": "==", "left": {"exthdr": {"name": "frag"}}, "right": False}},
-}
-
-
-def reply_counters(version: int) -> str:
-    return f"reply_counters{version}"
-
-
-def nft_perpacket_backend(tag: str, version: int, index: int, ip: IPAddress
-                          ) -> list[dict[str, Any]]:
-    """Commands that make ``ip`` the destination of its mark and count its replies,
-    rewritten in the kernel, under that mark's counter (the per-packet path's
-    counterpart of ``nft_backend``)."""
-    return _mark_target(tag, version, index, ip, (reply_counters(version), str(ip)))
-
-
-def nft_perpacket_ruleset(tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNetwork],
-                          nameservers: tuple[IPAddress, ...],
-                          backends: list[tuple[int, int, IPAddress]]
-                          ) -> tuple[dict[str, Any], ...]:
-    """The per-packet path's rewrites that the kernel does for the workers.
-
-    ======  ===================  ==================================================
-    chain   hook, priority       rules
-    ======  ===================  ==================================================
-    steer   prerouting, -140     to a VIP with a backend's mark (the worker's
-                                 verdict for a plain TCP or UDP packet): counted
-                                 (``steered``), the destination from
-                                 ``@backends4``/``@backends6`` (mark -> address)
-    reply   forward, -10         DNS to a nameserver: unchanged (masqueraded
-                                 later); TCP/UDP, not a fragment, from a backend:
-                                 its counter (``@reply_counters4``/``6``: address
-                                 -> the backend's counter), source set from
-                                 ``@reply4``/``@reply6`` (real-server net ->
-                                 VIP); the same without the counter for the
-                                 net's other hosts
-    ======  ===================  ==================================================
-
-    ``steer`` runs after the mangle chain (-150) that queued the packet: the
-    worker decided, the kernel rewrites (nftables fixes the IP and transport
-    checksums, a partial checksum too), so the payload never comes back from
-    user space. What a worker rewrites itself (ICMP, fragments, IPv4 options,
-    IPv6 extension headers) comes back without a backend's mark and passes.
-
-    ``reply`` runs before iptables' filter FORWARD (priority 0), whose queue rule
-    matches the real-server source: a reply it rewrote is no longer queued. What
-    it does not rewrite (ICMP, whose errors quote the client's packet and need
-    the inner header changed too; fragments; what is too short to rewrite)
-    keeps its source and is queued as before.
-    """
-    name = nft_table_name(tag)
-    t = {"family": "inet", "table": name}
-    meta_mark = {"meta": {"key": "mark"}}
-    cmds: list[dict[str, Any]] = [{"add": {"table": {"family": "inet", "name": name}}},
-                                  {"add": {"counter": {**t, "name": "steered"}}}]
-    steer: list[list[dict[str, Any]]] = []
-    rules: list[list[dict[str, Any]]] = []
-    for version, vip in sorted(vips.items()):
-        ip, rip = _IP[version], rips[version]
-        saddr = {"payload": {"protocol": ip, "field": "saddr"}}
-        daddr = {"payload": {"protocol": ip, "field": "daddr"}}
-        cmds.append({"add": {"map": {**t, "name": f"backends{version}", "type": "mark",
-                                     "map": _ADDR_TYPE[version]}}})
-        steer.append([
-            {"match": {"op": "==", "left": daddr, "right": str(vip)}},
-            _mark_match(meta_mark, version),
-            {"counter": "steered"},
-            {"mangle": {"key": daddr, "value": {"map": {
-                "key": meta_mark, "data": f"@backends{version}"}}}}])
-        cmds.append({"add": {"map": {
-            **t, "name": f"reply{version}", "type": _ADDR_TYPE[version],
-            "map": _ADDR_TYPE[version], "flags": ["interval"],
-            "elem": [[{"prefix": {"addr": str(rip.network_address), "len": rip.prefixlen}},
-                      str(vip)]]}}})
-        cmds.append({"add": {"map": {**t, "name": reply_counters(version),
-                                     "type": _ADDR_TYPE[version], "map": "counter"}}})
-        dns = [str(ns) for ns in nameservers if ns.version == version]
-        if dns:
-            rules.append([
-                {"match": {"op": "==", "left": daddr, "right": {"set": dns}}},
-                _TCP_UDP,
-                {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
-                           "right": 53}},
-                {"return": None}])
-        rewrite = {"mangle": {"key": saddr, "value": {"map": {
-            "key": saddr, "data": f"@reply{version}"}}}}
-        # A backend's packet is counted and rewritten by the first rule; once
-        # its source is the VIP (never inside the real-server net: the config
-        # refuses that), the second rule's lookup misses and leaves it be.
-        rules.append([_TCP_UDP, _NOT_FRAGMENT[version],
-                      {"counter": {"map": {"key": saddr,
-                                           "data": f"@{reply_counters(version)}"}}},
-                      rewrite])
-        rules.append([_TCP_UDP, _NOT_FRAGMENT[version], rewrite])
-    cmds.append({"add": {"chain": {**t, "name": "steer", "type": "filter", "hook": "prerouting",
-                                   "prio": -140, "policy": "accept"}}})
-    cmds.append({"add": {"chain": {**t, "name": "reply", "type": "filter", "hook": "forward",
-                                   "prio": -10, "policy": "accept"}}})
-    cmds.extend({"add": {"rule": {**t, "chain": "steer", "expr": r}}} for r in steer)
-    cmds.extend({"add": {"rule": {**t, "chain": "reply", "expr": r}}} for r in rules)
-    for version, index, addr in backends:
-        cmds.extend(nft_perpacket_backend(tag, version, index, addr))
-    return tuple(cmds)
+                path, nft, nft_text)
 
 
 def _sysctls(family: int, pub: str, priv: str) -> list[Sysctl]:
@@ -470,60 +229,6 @@ def _sysctls(family: int, pub: str, priv: str) -> list[Sysctl]:
     for dev in ("all", pub, priv):
         out.append(Sysctl(f"net/ipv6/conf/{dev}/accept_redirects", "0"))
     return out
-
-
-def _queue_target(queues: tuple[int, ...], fail_open: bool) -> tuple[str, ...]:
-    if len(queues) == 1:
-        target: tuple[str, ...] = ("-j", "NFQUEUE", "--queue-num", str(queues[0]))
-    else:
-        target = ("-j", "NFQUEUE", "--queue-balance", f"{queues[0]}:{queues[-1]}")
-    return (*target, "--queue-bypass") if fail_open else target
-
-
-def _chains(family: int, tag: str, vip: IPAddress, rip: IPNetwork,
-            nameservers: list[IPAddress], queues: tuple[int, ...], pub: str,
-            fail_open: bool, conntrack: bool = False) -> list[Chain]:
-    v = str(vip)
-    r = str(rip)
-    dns = [(str(ns), proto) for ns in nameservers for proto in ("udp", "tcp")]
-    icmp = "icmp" if family == 4 else "ipv6-icmp"
-    raw_rules: list[tuple[str, ...]] = [("-d", v, "-j", "CT", "--notrack")]
-    raw_rules += [("-s", r, "-d", ns, "-p", p, "--dport", "53", "-j", "RETURN") for ns, p in dns]
-    raw_rules.append(("-s", r, "-j", "CT", "--notrack"))
-    in_rules: list[tuple[str, ...]] = []
-    if family == 6:
-        in_rules += [("-p", icmp, "--icmpv6-type", t, "-j", "RETURN")
-                     for t in ("neighbour-solicitation", "neighbour-advertisement")]
-    n = len(queues)
-    rnd = int(tag, 16) | 1
-    in_rules.append(("-j", "HMARK", "--hmark-tuple", "src,dst", "--hmark-mod", str(n),
-                     "--hmark-offset", str(MARK_BASE), "--hmark-rnd", hex(rnd)))
-    for i, q in enumerate(queues):
-        in_rules.append(("-m", "mark", "--mark", str(MARK_BASE + i),
-                         *_queue_target((q,), fail_open)))
-    out_rules: list[tuple[str, ...]] = [
-        ("-d", ns, "-p", p, "--dport", "53", "-j", "RETURN") for ns, p in dns]
-    out_rules.append(_queue_target(queues, fail_open))
-    if conntrack:
-        # A client the kernel recalls (its backend's mark is set) is not queued.
-        recalled = ("-m", "mark", "--mark", f"{ct_mark(family, 0):#x}/{CT_FAMILY_MASK:#x}",
-                    "-j", "RETURN")
-        chains = [Chain(family, "mangle", "PREROUTING", f"LOADED-IN-{tag}",
-                        ("-d", v, "-m", "conntrack", "--ctstate", "NEW"),
-                        (recalled, *in_rules))]
-    else:
-        chains = [
-            Chain(family, "raw", "PREROUTING", f"LOADED-RAW-{tag}", (), tuple(raw_rules)),
-            Chain(family, "mangle", "PREROUTING", f"LOADED-IN-{tag}", ("-d", v),
-                  tuple(in_rules)),
-            Chain(family, "filter", "FORWARD", f"LOADED-OUT-{tag}", ("-s", r),
-                  tuple(out_rules)),
-        ]
-    if dns:
-        nat = tuple(("-s", r, "-d", ns, "-p", p, "--dport", "53", "-o", pub, "-j", "MASQUERADE")
-                    for ns, p in dns)
-        chains.append(Chain(family, "nat", "POSTROUTING", f"LOADED-NAT-{tag}", (), nat))
-    return chains
 
 
 def describe(plan: Plan) -> list[str]:

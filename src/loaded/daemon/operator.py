@@ -81,7 +81,6 @@ class Daemon(Protocol):
     config_path: str
     families: tuple[int, ...]
     backends: BackendStates
-    conntrack: bool
 
     @property
     def plan(self) -> Plan: ...
@@ -201,10 +200,11 @@ class Operator:
                               lambda results: _merge_lists(results, limit))
 
     def _with_kernel(self, found: dict[str, Any]) -> dict[str, Any]:
-        """On the conntrack path, also what the kernel's client map says: it carries
-        the client's new connections once a worker has decided for it."""
+        """On a data path that remembers clients in the kernel (conntrack), also what
+        the kernel's client map says: it carries the client's new connections once
+        a worker has decided for it."""
         sup = self.sup
-        if not sup.conntrack:
+        if not sup.plan.datapath.remembers_clients:
             return found
         ip = ipaddress.ip_address(found["client"])
         recalled = sup.kernel.recalled(ip)

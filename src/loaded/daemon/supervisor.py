@@ -51,10 +51,8 @@ from loaded.core.commands import (
     MessageError,
     PoolCommand,
     Query,
-    RemoveBackend,
     Reply,
     Report,
-    SetState,
     decode,
     encode,
 )
@@ -67,7 +65,7 @@ from loaded.core.health import (
     StateChanged,
 )
 from loaded.core.plan import Neighbour, Plan
-from loaded.core.pool import IPAddress, State
+from loaded.core.pool import IPAddress
 from loaded.daemon.operator import Operator
 from loaded.daemon.status import build_status
 from loaded.daemon.worker import Worker, WorkerSpec
@@ -127,14 +125,13 @@ class Supervisor:
         self.children = [
             _Child(WorkerSpec(i, q, core, maxlen, config.fail_open, config.gso, user,
                               drop_privileges, refuse_when_empty=config.no_backend == "refuse",
-                              conntrack=plan.datapath == "conntrack"))
+                              datapath=plan.datapath))
             for i, (q, core) in enumerate(zip(plan.queues, plan.cores, strict=True))]
         self.stopping = False
         # Every backend: what the file, the operator and health say, what the
         # workers' pools hold (and what a restarted worker replays), its index
         # in the pools (the conntrack path's mark).
         self.backends = BackendStates(config, families)
-        self.conntrack = plan.datapath == "conntrack"
         self._forget_again: list[tuple[float, int]] = []
         self.operator = Operator(self)
         self.control: ControlServer | None = None
@@ -213,42 +210,31 @@ class Supervisor:
         for child in self.children:
             if child.pid:
                 self._send(child, command)
-        if not self.conntrack:
-            return
-        if (isinstance(command, RemoveBackend) and not command.graceful) or (
-                isinstance(command, SetState) and command.state is State.DOWN
-                and command.cut):
-            # The workers choose elsewhere from now on; the kernel must forget the
-            # connections it still carries to this backend and its clients. Once
-            # more a moment later, for a first packet a worker answered before it
-            # heard the news.
+        # What the kernel must forget now is the data path's to say.
+        forget = self.plan.datapath.forgets(command, was_empty)
+        if forget.backend:
             mark = self.backends.mark_of(vip, ip)
-            self._forget(mark)
-            self._forget_again.append((time.monotonic() + FORGET_AGAIN, mark))
-        elif isinstance(command, RemoveBackend):
-            # Leaving gracefully: its connections finish, and its clients stay as
-            # long as the workers' tables keep them; the kernel, which refreshes a
-            # client at each new connection, must not keep sending them there for
-            # ever. (Draining needs nothing: the same rule holds in both.)
-            self._forget(self.backends.mark_of(vip, ip), connections=False)
-        elif was_empty and (isinstance(command, AddBackend) or (
-                isinstance(command, SetState) and command.state is State.UP)):
+            self._forget(mark, connections=forget.connections, clients=forget.clients)
+            if forget.again:
+                self._forget_again.append((time.monotonic() + FORGET_AGAIN, mark))
+        if forget.unbalanced:
             self._forget_unbalanced()
 
-    def _forget(self, mark: int, connections: bool = True) -> None:
-        n = clients = 0
+    def _forget(self, mark: int, connections: bool = True, clients: bool = True) -> None:
+        n = forgotten = 0  # connections, clients
         if connections:
             try:
                 n = self.kernel.forget_connections(mark)
             except Exception as e:  # netlink trouble must not take the supervisor down
                 log.warning("event=conntrack-flush-failed mark=%#x error=%r", mark, e)
-        try:
-            clients = self.kernel.forget_clients(mark)
-        except Exception as e:
-            log.warning("event=clients-not-forgotten mark=%#x error=%r", mark, e)
-        if n or clients:
+        if clients:
+            try:
+                forgotten = self.kernel.forget_clients(mark)
+            except Exception as e:
+                log.warning("event=clients-not-forgotten mark=%#x error=%r", mark, e)
+        if n or forgotten:
             log.info("event=connections-cut mark=%#x connections=%d clients=%d", mark, n,
-                     clients)
+                     forgotten)
 
     def _forget_due(self, now: float) -> None:
         """The second forgetting of backends cut a moment ago (see ``command``)."""
@@ -371,24 +357,24 @@ class Supervisor:
             endpoints["control"] = self.control.path
         workers = [dict(c.last, restarts=c.restarts, alive=c.pid != 0, index=c.spec.index,
                         queue=c.spec.queue) for c in self.children]
+        kernel = self.plan.datapath.kernel_view(self._counters, self._invalid)
         return build_status(
             daemon={"pid": os.getpid(), "tag": self.plan.tag, "config": self.config_path,
                     "version": __version__, "uptime": now - self._started,
                     "started_at": self._started_wall},
             vips=[(f, v) for f, v in zip(self.families, self.vips(), strict=True)],
-            strategy=self.config.strategy, datapath=self.plan.datapath, workers=workers,
+            strategy=self.config.strategy, datapath=self.plan.datapath.name, workers=workers,
             health=health,
             admin={(str(v), str(ip)): states.admin(v, ip).value for v, ip in known},
             transitions={(str(v), str(ip)): states.transitions(v, ip) for v, ip in known},
-            counters=self._counters if self.conntrack else None,
-            reply_counters=None if self.conntrack else self._counters,
+            counters=kernel.counters, reply_counters=kernel.reply_counters,
             kernel_queues={str(k): v for k, v in read_proc_stats().items()
                            if k in self.plan.queues},
             endpoints=endpoints, now_mono=now, now_wall=time.time(), extra_backends=extra,
             retired=self._retired,
             client_table_max=(table_share(self.config.client_table_max, len(self.children))
                               * len(self.children)),
-            kernel_drops={"conntrack-invalid": self._invalid} if self.conntrack else None)
+            kernel_drops=kernel.kernel_drops)
 
     def _cached_status(self) -> dict[str, Any]:
         # The HTTP server's threads: the main loop refreshes this once a second.
@@ -518,7 +504,7 @@ class Supervisor:
             if self.config.persist_clients:
                 self._restore_tables()
             self.kernel.apply_rules()
-            if self.conntrack:
+            if self.plan.datapath.at_start().unbalanced:
                 self._forget_unbalanced()
             if self.failover:
                 self._start_health()
@@ -675,13 +661,9 @@ class Supervisor:
                         for c in self.children],
             "kernel_queues": self._status["kernel_queues"],
             "unresolved_neighbours": [str(n.ip) for n in self.kernel.unresolved],
-            "datapath": self.plan.datapath,
+            "datapath": self.plan.datapath.name,
         }
-        if self.conntrack:
-            stats["conntrack"] = {
-                "invalid": self._invalid,
-                "backends": {f"{mark:#x}": list(v) for mark, v in self._counters.items()},
-            }
+        stats.update(self.plan.datapath.kernel_view(self._counters, self._invalid).stats)
         try:
             write_atomic(self.stats_path, json.dumps(stats))
         except OSError as e:

@@ -12,7 +12,7 @@ import select
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loaded.core.checksum import ones_sum
@@ -30,6 +30,9 @@ from loaded.core.commands import (
     decode,
     encode,
 )
+from loaded.core.config import Config
+from loaded.core.datapath import DataPath
+from loaded.core.datapath import datapath as datapath_named
 from loaded.core.engine import Engine
 from loaded.core.errors import PacketError, Reason
 from loaded.core.packet import source_address
@@ -55,7 +58,8 @@ class WorkerSpec:
     user: str | None
     drop_privileges: bool = True
     refuse_when_empty: bool = True  # no_backend=refuse
-    conntrack: bool = False  # datapath=conntrack: first packets only, answered with a mark
+    # Which handler every queued packet goes to (``DataPath.packet_handler``).
+    datapath: DataPath = field(default_factory=lambda: datapath_named(Config.datapath))
 
 
 def _latency(q: NfQueue | None) -> dict[str, object]:
@@ -297,7 +301,7 @@ class Worker:
         self.report()
         try:
             watch = {self.control_fd: self.on_control} if self.control_fd >= 0 else {}
-            handler = self.on_first_packet if spec.conntrack else self.on_packet
+            handler = spec.datapath.packet_handler(self)
             self.queue.run(handler, lambda: self.stopping, self.tick, watch=watch)
         finally:
             self.report()

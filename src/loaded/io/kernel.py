@@ -9,9 +9,10 @@ start of the same instance undoes it first.
 
 Addresses, routes and neighbours go through netlink (pyroute2); sysctls through
 /proc/sys; firewall rules through iptables/ip6tables, the only interface to the
-NFQUEUE and HMARK targets (argument vectors, never shell strings); the conntrack
-data path's table through the nftables JSON API (libnftables); conntrack entries
-through ctnetlink (pyroute2).
+NFQUEUE and HMARK targets (argument vectors, never shell strings); the data
+path's table through the nftables JSON API (libnftables); conntrack entries
+through ctnetlink (pyroute2). What the table holds, and whether the kernel
+remembers clients, is the data path's (``Plan.datapath``) to say.
 """
 
 from __future__ import annotations
@@ -33,18 +34,8 @@ import nftables
 from pyroute2 import Conntrack, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from loaded.core.plan import (
-    Address,
-    Chain,
-    IPAddress,
-    Neighbour,
-    Plan,
-    Route,
-    Sysctl,
-    counter_mark,
-    nft_backend,
-    nft_perpacket_backend,
-)
+from loaded.core.firewall import Chain, IPAddress, counter_mark
+from loaded.core.plan import Address, Neighbour, Plan, Route, Sysctl
 from loaded.core.pool import ct_mark_version
 from loaded.io.files import write_atomic
 
@@ -217,22 +208,18 @@ class Kernel:
 
     # --- the nftables table at run time ---------------------------------------------
 
-    @property
-    def _conntrack(self) -> bool:
-        return self.plan.datapath == "conntrack"
-
     def map_backend(self, version: int, index: int, ip: IPAddress) -> None:
         """A backend added at run time: the destination of its mark, its traffic
-        counted (the same mark again: no-op)."""
+        counted (the same mark again: no-op); what that takes is the data path's."""
         if not self.plan.nft:
             return
-        make = nft_backend if self._conntrack else nft_perpacket_backend
-        self.nft.run(make(self.plan.tag, version, index, ip))
+        self.nft.run(self.plan.datapath.backend_target(self.plan.tag, version, index, ip))
 
     def remember_clients(self, entries: Iterable[tuple[IPAddress, int]], timeout: int) -> None:
         """Tell the kernel which backend (mark) each client goes to, for its
-        ``recall`` chain. A client already there with another mark is replaced."""
-        if not self._conntrack:
+        ``recall`` chain. A client already there with another mark is replaced.
+        (A data path that does not remember clients has no client maps.)"""
+        if not self.plan.datapath.remembers_clients:
             return
         table = self.plan.nft_table
         by_family: dict[int, list[list[Any]]] = {4: [], 6: []}
@@ -255,7 +242,7 @@ class Kernel:
 
     def recalled(self, ip: IPAddress) -> tuple[int, float | None] | None:
         """The kernel's memory of one client: (mark, seconds until it expires)."""
-        if not self._conntrack:
+        if not self.plan.datapath.remembers_clients:
             return None
         # nft 1.0.6 has no JSON "get element": the map is listed (a CLI lookup only).
         for key, value in self.nft.map_elements(self.plan.nft_table, f"clients{ip.version}"):
@@ -266,7 +253,7 @@ class Kernel:
 
     def forget_clients(self, mark: int) -> int:
         """Drop the kernel's memory of the clients of one backend (it went down)."""
-        if not self._conntrack:
+        if not self.plan.datapath.remembers_clients:
             return 0
         name = f"clients{ct_mark_version(mark)}"
         gone = [key["val"] for key, value in self.nft.map_elements(self.plan.nft_table, name)
