@@ -23,11 +23,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from loaded.control.web import StatusServer
+from loaded.core.status import BackendStatus, Status
+
+from . import snapshots as snap
 
 CHROMIUM = os.environ.get("LOADED_CHROMIUM", "/usr/bin/chromium")
 
@@ -54,46 +56,38 @@ class GrowingStatus:
         self.kernel_drops: dict[str, int] | None = None  # None: the per-packet path
         self.lock = threading.Lock()
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> Status:
         if self.fail:
             raise RuntimeError("supervisor restarting")
         elapsed = time.monotonic() - self.t0
         now = time.time()
 
-        def backend(addr: str, rate: float, down: bool = False) -> dict[str, Any]:
+        def backend(addr: str, rate: float, down: bool = False) -> BackendStatus:
             packets = int(10_000 + rate * elapsed)
-            return {"address": addr, "weight": 2 if addr.endswith("11") else 1,
-                    "state": "down" if down else "up", "admin": "enabled",
-                    "health": "down" if down else "up", "transitions": 3 if down else 1,
-                    "last_check": {"ok": not down,
-                                   "detail": "connection refused" if down else "tcp/80 ok",
-                                   "at": now - 1.5},
-                    "clients": 0 if down else 12, "new_clients": 0 if down else 40,
-                    "packets": packets, "bytes": packets * 740}
+            return snap.backend(
+                addr, weight=2 if addr.endswith("11") else 1, state="down" if down else "up",
+                health="down" if down else "up", transitions=3 if down else 1,
+                last_check=snap.check(not down, "connection refused" if down else "tcp/80 ok",
+                                      now - 1.5),
+                clients=0 if down else 12, new_clients=0 if down else 40,
+                packets=packets, bytes=packets * 740)
 
-        status = {
-            "daemon": {"pid": 4242, "tag": "browser-test", "config": "/etc/loaded/test.conf",
-                       "version": "0.1.0", "uptime": now - self.started,
-                       "datapath": "perpacket", "started_at": self.started},
-            "services": [
-                {"vip": "198.18.1.100", "family": 4, "strategy": "rr", "clients": 24,
-                 "backends": [backend(a, r, a == DOWN) for a, r in BACKENDS.items()]},
-                {"vip": "2001:db8:1::100", "family": 6, "strategy": "maglev", "clients": 3,
-                 "backends": [backend("2001:db8:2::11", 80.0)]},
+        return snap.status(
+            daemon_info=snap.daemon(pid=4242, tag="browser-test", config="/etc/loaded/test.conf",
+                                    uptime=now - self.started, started_at=self.started),
+            services=[
+                snap.service("198.18.1.100", clients=24,
+                             backends=[backend(a, r, a == DOWN) for a, r in BACKENDS.items()]),
+                snap.service("2001:db8:1::100", family=6, strategy="maglev", clients=3,
+                             backends=[backend("2001:db8:2::11", 80.0)]),
             ],
-            "workers": [
-                {"index": i, "queue": i, "pid": 5000 + i, "alive": True, "restarts": 0,
-                 "packets": int(300 * elapsed), "drops": {"no-backend": 2}, "refused": 0,
-                 "cpu_seconds": 0.01 * elapsed,
-                 "latency": {"buckets": [[0.0001, 10], [0.001, 20]], "sum": 0.01, "count": 20}}
+            workers=[
+                snap.worker(i, drops={"no-backend": 2}, report=snap.report(
+                    pid=5000 + i, packets=int(300 * elapsed), cpu_seconds=0.01 * elapsed,
+                    latency=snap.latency([(0.0001, 10), (0.001, 20)], 0.01, 20)))
                 for i in range(2)],
-            "kernel_queues": {str(i): {"queue_total": 0, "copy_mode": 2, "copy_range": 65535,
-                                       "queue_dropped": 0, "user_dropped": 0,
-                                       "id_sequence": 100} for i in range(2)},
-        }
-        if self.kernel_drops is not None:
-            status["kernel_drops"] = dict(self.kernel_drops)
-        return status
+            kernel_queues={i: snap.queue(id_sequence=100) for i in range(2)},
+            kernel_drops=None if self.kernel_drops is None else dict(self.kernel_drops))
 
 
 @pytest.fixture(scope="module")

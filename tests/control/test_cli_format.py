@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -31,44 +32,39 @@ from loaded.control.protocol import CommandFailed, ControlError
 from loaded.core.config import KEYS, parse_config
 from loaded.core.plan import instance_tag
 from loaded.core.reload import diff_configs
+from loaded.core.status import Status
+
+from . import snapshots as snap
 
 NOW = 1700093785.0
 
-STATUS: dict[str, Any] = {
-    "daemon": {"pid": 4242, "tag": "3fa2c1", "config": "/etc/loaded/loaded.conf",
-               "version": "0.1.0", "uptime": 93784.5, "datapath": "perpacket",
-               "started_at": 1700000000.0},
-    "services": [
-        {"vip": "198.18.1.100", "family": 4, "strategy": "maglev", "clients": 1523,
-         "backends": [
-             {"address": "198.19.0.11", "weight": 3, "state": "up", "admin": "enabled",
-              "health": "up", "transitions": 1,
-              "last_check": {"ok": True, "detail": "", "at": 1700093780.0},
-              "clients": 1020, "new_clients": 2048, "packets": 1234567, "bytes": 987654321},
-             {"address": "198.19.0.12", "weight": 1, "state": "draining", "admin": "drain",
-              "health": "up", "transitions": 0,
-              "last_check": {"ok": True, "detail": "HTTP 200", "at": 1700093783.0},
-              "clients": 503, "new_clients": 700, "packets": 99999, "bytes": 100000},
-             {"address": "198.19.0.13", "weight": 1, "state": "down", "admin": "enabled",
-              "health": "down", "transitions": 4,
-              "last_check": {"ok": False, "detail": "connect: connection refused",
-                             "at": 1700093600.0},
-              "clients": 0, "new_clients": 12, "packets": 0, "bytes": 0}]},
-        {"vip": "2001:db8:1::100", "family": 6, "strategy": "maglev", "clients": 1,
-         "backends": [
-             {"address": "2001:db8:2::11", "weight": 1, "state": "up", "admin": "enabled",
-              "health": "unknown", "transitions": 0, "last_check": None, "clients": 1,
-              "new_clients": 1, "packets": 10, "bytes": 1200}]}],
-    "workers": [
-        {"index": 0, "queue": 0, "pid": 4243, "alive": True, "restarts": 0,
-         "packets": 700000, "dropped": 3},
-        {"index": 1, "queue": 1, "pid": 4250, "alive": False, "restarts": 2,
-         "packets": 534577, "dropped": 0}],
-    "kernel_queues": {"1": {"waiting": 0, "queue_dropped": 0, "user_dropped": 0},
-                      "0": {"waiting": 2, "queue_dropped": 17, "user_dropped": 1}},
-    "endpoints": {"metrics": "http://127.0.0.1:9100/metrics",
-                  "status": "http://127.0.0.1:9100/"},
-}
+STATUS = snap.status(
+    daemon_info=snap.daemon(pid=4242, tag="3fa2c1", config="/etc/loaded/loaded.conf",
+                            uptime=93784.5, datapath="perpacket", started_at=1700000000.0),
+    services=[
+        snap.service("198.18.1.100", strategy="maglev", clients=1523, backends=[
+            snap.backend("198.19.0.11", weight=3, transitions=1, mark=0x4C420000,
+                         last_check=snap.check(True, "", 1700093780.0),
+                         clients=1020, new_clients=2048, packets=1234567, bytes=987654321),
+            snap.backend("198.19.0.12", state="draining", admin="drain", mark=0x4C420001,
+                         last_check=snap.check(True, "HTTP 200", 1700093783.0),
+                         clients=503, new_clients=700, packets=99999, bytes=100000),
+            snap.backend("198.19.0.13", state="down", health="down", transitions=4,
+                         mark=0x4C420002,
+                         last_check=snap.check(False, "connect: connection refused",
+                                               1700093600.0),
+                         new_clients=12)]),
+        snap.service("2001:db8:1::100", family=6, strategy="maglev", clients=1, backends=[
+            snap.backend("2001:db8:2::11", health="unknown", mark=0x4C420000, clients=1,
+                         new_clients=1, packets=10, bytes=1200)])],
+    workers=[
+        snap.worker(0, report=snap.report(pid=4243, packets=700000, dropped=3)),
+        snap.worker(1, alive=False, restarts=2,
+                    report=snap.report(pid=4250, packets=534577))],
+    kernel_queues={1: snap.queue(), 0: snap.queue(waiting=2, queue_dropped=17, user_dropped=1)},
+    endpoints={"metrics": "http://127.0.0.1:9100/metrics",
+               "status": "http://127.0.0.1:9100/"},
+)
 
 STATUS_TEXT = """\
 loaded 0.1.0, pid 4242, config /etc/loaded/loaded.conf (tag 3fa2c1), datapath perpacket, up 1d 02:03:04
@@ -120,18 +116,19 @@ def cli(argv: list[str], fake: Fake) -> tuple[int, str, str]:
 
 def test_status_text() -> None:
     assert format_status(STATUS, NOW) == STATUS_TEXT
-    code, out, err = cli(["status", "--socket", "/x.sock"], Fake(STATUS))
+    code, out, err = cli(["status", "--socket", "/x.sock"], Fake(STATUS.to_json()))
     assert (code, out, err) == (0, STATUS_TEXT, "")
 
 
 def test_status_kernel_drops() -> None:
-    status = dict(STATUS, kernel_drops={"conntrack-invalid": 1_234_567})
+    status = dataclasses.replace(STATUS, kernel_drops={"conntrack-invalid": 1_234_567})
     assert format_status(status, NOW) == STATUS_TEXT + (
         "\n"
         "KERNEL DROP        PACKETS\n"
         "conntrack-invalid     1.2M\n")
     assert format_status(status, NOW, exact=True).endswith("conntrack-invalid  1234567\n")
-    zero = format_status(dict(STATUS, kernel_drops={"conntrack-invalid": 0}), NOW)
+    zero = format_status(dataclasses.replace(STATUS, kernel_drops={"conntrack-invalid": 0}),
+                         NOW)
     assert zero.endswith("conntrack-invalid        0\n")  # counted, and none
 
 
@@ -140,23 +137,49 @@ def test_status_exact_counters() -> None:
     assert "  198.19.0.11     up        enabled       3     1020  2048  1234567  987654321  " \
            "up       ok 5s ago\n" in text
     assert "     1      1  4250  dead          2   534577        0\n" in text
-    assert cli(["status", "--exact"], Fake(STATUS)) == (0, text, "")
+    assert cli(["status", "--exact"], Fake(STATUS.to_json())) == (0, text, "")
 
 
 def test_status_json_is_the_answer_unchanged() -> None:
-    fake = Fake(STATUS)
+    answer = dict(STATUS.to_json(), newer_key={"a": 1})  # a newer daemon's: printed as sent
+    fake = Fake(answer)
     code, out, _ = cli(["status", "--json"], fake)
-    assert code == 0 and json.loads(out) == STATUS
+    assert code == 0 and json.loads(out) == answer
     assert fake.calls == [("status", {})]
+    assert Status.from_json(json.loads(out)) == STATUS  # and it decodes to the same snapshot
 
 
-def test_status_sparse_answers() -> None:
-    assert format_status({"daemon": {}, "services": []}, 0) == (
-        "loaded ?, pid ?, config ? (tag ?), datapath ?, up -\n\nno services\n")
-    assert format_status({"daemon": {"uptime": 59}, "services": [
-        {"vip": "192.0.2.1", "family": 4, "strategy": "rr", "clients": 0, "backends": []}]},
-        0) == ("loaded ?, pid ?, config ? (tag ?), datapath ?, up 0:59\n\n"
-               "VIP 192.0.2.1 (IPv4), strategy rr, 0 clients\n  no backends\n")
+def test_status_without_services_backends_or_worker_reports() -> None:
+    empty = snap.status(daemon_info=snap.daemon(uptime=59, tag="t", config="a.conf"))
+    assert format_status(empty, 0) == (
+        "loaded 0.1.0, pid 4242, config a.conf (tag t), datapath perpacket, up 0:59\n\n"
+        "no services\n")
+    bare = dataclasses.replace(empty, services=(snap.service("192.0.2.1", []),),
+                               workers=(snap.worker(0),))
+    assert format_status(bare, 0).endswith(
+        "VIP 192.0.2.1 (IPv4), strategy rr, 0 clients\n  no backends\n\n"
+        "WORKER  QUEUE  PID  STATE  RESTARTS  PACKETS  DROPPED\n"
+        "     0      0    ?  alive         0        -        -\n")
+
+
+@pytest.mark.parametrize("answer, where", [
+    (None, "status: expected an object, got null"),
+    ({"daemon": {}}, "status.daemon: 'pid' is missing"),
+    ("services", "services[0].backends[0].packets: expected an integer, got str"),
+    ("workers", "status.workers[0].latency.buckets[0]: expected [bound, count]"),
+])
+def test_a_malformed_status_answer_is_one_error(answer: Any, where: str) -> None:
+    if answer == "services":
+        answer = STATUS.to_json()
+        answer["services"][0]["backends"][0]["packets"] = "oops"
+    elif answer == "workers":
+        answer = STATUS.to_json()
+        answer["workers"][0]["latency"]["buckets"] = [["inf", 3]]
+    for argv in (["status"], ["status", "--json"]):
+        code, out, err = cli(argv, Fake(answer))
+        assert (code, out) == (EXIT_FAILED, "")
+        assert err.startswith("loaded status: the daemon's answer is not a status snapshot: ")
+        assert where in err
 
 
 def test_numbers_and_durations() -> None:

@@ -20,6 +20,7 @@ from loaded.control.protocol import ControlError
 from loaded.control.server import ControlServer
 from loaded.core.plan import instance_tag
 
+from . import snapshots as snap
 from .loop import poll
 
 
@@ -47,9 +48,8 @@ class Daemon:
         self.thread.start()
 
     def handle(self, req: dict[str, Any]) -> Any:
-        return {"daemon": {"pid": 1, "tag": "t", "config": self.config, "version": "0",
-                           "uptime": 1.0, "datapath": "conntrack"},
-                "services": [], "workers": [], "kernel_queues": {}, "endpoints": {}}
+        return snap.status(daemon_info=snap.daemon(
+            pid=1, tag="t", config=self.config, datapath="conntrack")).to_json()
 
     def loop(self) -> None:
         while not self.stop.is_set():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import re
@@ -18,6 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loaded.control.web import History, StatusServer
+from loaded.core.status import Status
+
+from . import snapshots as snap
 
 
 class FakeStatus:
@@ -30,26 +34,19 @@ class FakeStatus:
         self.calls = 0
         self.lock = threading.Lock()
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> Status:
         with self.lock:
             self.calls += 1
         if self.fail is not None:
             raise self.fail
         elapsed = time.monotonic() - self.t0
-        return {
-            "daemon": {"pid": 1, "tag": "test", "config": "test.conf", "version": "0.1.0",
-                       "uptime": elapsed, "datapath": "perpacket",
-                       "started_at": time.time() - elapsed},
-            "services": [{"vip": "198.18.1.100", "family": 4, "strategy": "rr", "clients": 2,
-                          "backends": [
-                              {"address": addr, "weight": 1, "state": "up",
-                               "admin": "enabled", "health": "up", "transitions": 0,
-                               "last_check": None, "clients": 1, "new_clients": 1,
-                               "packets": int(rate * elapsed),
-                               "bytes": int(rate * elapsed) * 100}
-                              for addr, rate in self.rates.items()]}],
-            "workers": [], "kernel_queues": {},
-        }
+        return snap.status(
+            daemon_info=snap.daemon(pid=1, tag="test", config="test.conf", uptime=elapsed,
+                                    started_at=time.time() - elapsed),
+            services=[snap.service("198.18.1.100", clients=2, backends=[
+                snap.backend(addr, clients=1, new_clients=1, packets=int(rate * elapsed),
+                             bytes=int(rate * elapsed) * 100)
+                for addr, rate in self.rates.items()])])
 
 
 @pytest.fixture
@@ -168,7 +165,8 @@ def test_status_errors_are_503_and_the_server_goes_on(server: StatusServer,
 
 
 def test_unserialisable_status_is_503(server: StatusServer, fake: FakeStatus) -> None:
-    server.get_status = lambda: {"uptime": float("nan")}
+    broken = dataclasses.replace(fake(), daemon=snap.daemon(uptime=float("nan")))
+    server.get_status = lambda: broken
     assert request(server, "GET", "/api/status")[0] == 503
 
 
@@ -211,16 +209,16 @@ def test_sampler_survives_errors(server: StatusServer, fake: FakeStatus) -> None
 
 
 def test_history_exact_rates_resets_and_window() -> None:
-    def snap(**counters: tuple[int, int]) -> dict[str, Any]:
-        return {"services": [{"vip": "v", "backends": [
-            {"address": a, "packets": p, "bytes": b} for a, (p, b) in counters.items()]}]}
+    def counted(**counters: tuple[int, int]) -> Status:
+        return snap.status(services=[snap.service("v", [
+            snap.backend(a, packets=p, bytes=b) for a, (p, b) in counters.items()])])
 
     h = History(window=10, interval=1)
-    h.add(snap(a=(100, 1000)), wall=1000.0, mono=50.0)
+    h.add(counted(a=(100, 1000)), wall=1000.0, mono=50.0)
     assert len(h) == 0  # a baseline only
-    h.add(snap(a=(300, 5000), b=(7, 70)), wall=1002.0, mono=52.0)
-    h.add(snap(a=(30, 300), b=(17, 170)), wall=1003.0, mono=53.0)  # a restarted
-    h.add(snap(b=(17, 170)), wall=1004.0, mono=54.0)  # a gone
+    h.add(counted(a=(300, 5000), b=(7, 70)), wall=1002.0, mono=52.0)
+    h.add(counted(a=(30, 300), b=(17, 170)), wall=1003.0, mono=53.0)  # a restarted
+    h.add(counted(b=(17, 170)), wall=1004.0, mono=54.0)  # a gone
     out = h.snapshot(now=1004.5)
     assert out["now"] == 1004.5
     got = [(s["t"], [(b["backend"], b["packets_per_s"], b["bytes_per_s"]) for b in s["backends"]])
@@ -230,15 +228,15 @@ def test_history_exact_rates_resets_and_window() -> None:
         (1003.0, [("a", 30.0, 300.0), ("b", 10.0, 100.0)]),
         (1004.0, [("b", 0.0, 0.0)]),
     ]
-    h.add(snap(a=(1, 1), b=(20, 200)), wall=1013.5, mono=63.5)
+    h.add(counted(a=(1, 1), b=(20, 200)), wall=1013.5, mono=63.5)
     assert [s["t"] for s in h.snapshot()["samples"]] == [1004.0, 1013.5]
 
 
 def test_history_ring_is_bounded() -> None:
     h = History(window=5, interval=1)
     for i in range(100):
-        h.add({"services": [{"vip": "v", "backends": [
-            {"address": "a", "packets": i, "bytes": i}]}]}, wall=float(i) / 100, mono=float(i))
+        h.add(snap.status(services=[snap.service("v", [snap.backend("a", packets=i, bytes=i)])]),
+              wall=float(i) / 100, mono=float(i))
     assert len(h) == 6
 
 

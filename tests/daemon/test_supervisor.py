@@ -133,7 +133,7 @@ def test_operator_outranks_health_and_enable_follows_it(tmp_path: Path) -> None:
     assert pool_state(sup, "198.19.0.11") == "draining"  # not applied
     assert sup.backends.transitions(vip, ip) == 1
     assert sup.backends.admin(vip, ip) is Admin.DRAIN
-    assert sup.status()["services"][0]["backends"][0]["admin"] == "drain"
+    assert sup.status().services[0].backends[0].admin == "drain"
     result = sup.operator.backend({"action": "enable", "address": "198.19.0.11"})
     assert result["command"]["state"] == "down"  # health says so
     sup._events.put(StateChanged(vip, ip, True, "ok", 2.0))
@@ -205,8 +205,8 @@ def test_counters_of_a_dead_worker_are_kept(tmp_path: Path) -> None:
     sup._retire(last)
     sup.children[0].last = {"services": {VIP: {"clients": 0, "backends": {"198.19.0.11": {
         "packets": 3, "bytes": 300, "new_clients": 1, "clients": 0, "state": "up"}}}}}
-    b = sup.status()["services"][0]["backends"][0]
-    assert (b["packets"], b["bytes"], b["new_clients"], b["clients"]) == (13, 1300, 3, 0)
+    b = sup.status().services[0].backends[0]
+    assert (b.packets, b.bytes, b.new_clients, b.clients) == (13, 1300, 3, 0)
 
 
 def test_a_configured_drain_still_goes_down_with_its_health(tmp_path: Path) -> None:

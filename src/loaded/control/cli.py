@@ -4,10 +4,13 @@ command line of the control socket.
 Every command is a function of its parsed arguments and a ``request(cmd, args)``
 callable that returns the daemon's ``result`` (``loaded.control.server.request``
 bound to the socket), so that it can be tested without a daemon. Output is text
-for people, or with ``--json`` the result exactly as the daemon sent it.
+for people, or with ``--json`` the result exactly as the daemon sent it. The
+answer to ``status`` is decoded into the daemon's own snapshot type
+(``loaded.core.status.Status.from_json``) before anything is shown: one that
+is not a snapshot is an error (``StatusError``), never a half-printed table.
 
-Exit status: 0 done; 1 the daemon refused or could not be reached (the reason
-on stderr); 2 bad usage.
+Exit status: 0 done; 1 the daemon refused, could not be reached or answered
+something malformed (the reason on stderr); 2 bad usage.
 
 Which daemon (``socket_of``): ``--socket PATH``; else the socket of ``-c FILE``
 (its ``control_socket``, or ``/run/loaded/<tag>.sock``); else that of
@@ -49,6 +52,7 @@ from loaded.control.protocol import (
     ControlError,
     socket_path_for_config,
 )
+from loaded.core.status import LastCheck, Status, StatusError
 
 __all__ = [
     "EXIT_FAILED",
@@ -188,10 +192,10 @@ def _served_config(path: str) -> str | None:
     from loaded.control.server import request
 
     try:
-        config = _get(_get(request(path, "status", timeout=PROBE_TIMEOUT), "daemon"), "config")
-    except ControlError:
+        config = Status.from_json(request(path, "status", timeout=PROBE_TIMEOUT)).daemon.config
+    except (ControlError, StatusError):
         return None
-    return str(config) if config else None
+    return config or None
 
 
 def find_socket(directory: str | None = None) -> str:
@@ -269,6 +273,9 @@ def run(args: argparse.Namespace, request: RequestFn | None = None,
     except ControlError as e:
         print(f"loaded {name}: {e}", file=err)
         return EXIT_FAILED
+    except StatusError as e:
+        print(f"loaded {name}: the daemon's answer is not a status snapshot: {e}", file=err)
+        return EXIT_FAILED
 
 
 class _Usage(Exception):
@@ -288,8 +295,9 @@ def _emit(args: argparse.Namespace, out: TextIO, result: Any, text: Callable[[],
 def cmd_status(args: argparse.Namespace, request: RequestFn, out: TextIO,
                now: float | None = None) -> int:
     result = request("status", {})
+    status = Status.from_json(result)  # --json too: a malformed answer is an error either way
     when = time.time() if now is None else now
-    _emit(args, out, result, lambda: format_status(result, when,
+    _emit(args, out, result, lambda: format_status(status, when,
                                                    exact=getattr(args, "exact", False)))
     return 0
 
@@ -407,48 +415,40 @@ def _get(d: Any, key: str, default: Any = None) -> Any:
     return d.get(key, default) if isinstance(d, Mapping) else default
 
 
-def _last_check(check: Any, now: float) -> str:
-    if not isinstance(check, Mapping):
+def _last_check(check: LastCheck | None, now: float) -> str:
+    if check is None:
         return "-"
-    at = _get(check, "at")
-    when = f" {ago(now - at)} ago" if isinstance(at, int | float) else ""
-    text = ("ok" if _get(check, "ok") else "failed") + when
-    detail = str(_get(check, "detail") or "").strip()
+    text = ("ok" if check.ok else "failed") + f" {ago(now - check.at)} ago"
+    detail = check.detail.strip()
     return f"{text}: {detail}" if detail else text
 
 
-def format_status(status: Mapping[str, Any], now: float, exact: bool = False) -> str:
+def format_status(status: Status, now: float, exact: bool = False) -> str:
     """``status`` as text, in the spirit of ``ipvsadm -Ln --stats``."""
     lines: list[str] = []
-    d = _get(status, "daemon", {})
+    d = status.daemon
     lines.append(
-        f"loaded {_get(d, 'version', '?')}, pid {_get(d, 'pid', '?')}, "
-        f"config {_get(d, 'config', '?')} (tag {_get(d, 'tag', '?')}), "
-        f"datapath {_get(d, 'datapath', '?')}, up {duration(_get(d, 'uptime'))}")
-    endpoints = _get(status, "endpoints", {})
-    if isinstance(endpoints, Mapping) and endpoints:
-        lines.append("endpoints: " + ", ".join(f"{k} {v}" for k, v in endpoints.items()))
-    services = _get(status, "services", []) or []
-    if not services:
+        f"loaded {d.version}, pid {d.pid}, config {d.config} (tag {d.tag}), "
+        f"datapath {d.datapath}, up {duration(d.uptime)}")
+    if status.endpoints:
+        lines.append("endpoints: " + ", ".join(f"{k} {v}" for k, v in status.endpoints.items()))
+    if not status.services:
         lines += ["", "no services"]
     # One table for every VIP, so that the columns line up across them.
     rows_of: list[list[list[str]]] = []
-    for svc in services:
+    for svc in status.services:
         rows_of.append([[
-            str(_get(b, "address", "?")), str(_get(b, "state", "?")),
-            str(_get(b, "admin", "?")), count(_get(b, "weight"), True),
-            count(_get(b, "clients"), exact), count(_get(b, "new_clients"), exact),
-            count(_get(b, "packets"), exact), count(_get(b, "bytes"), exact),
-            str(_get(b, "health", "?")), _last_check(_get(b, "last_check"), now)]
-            for b in _get(svc, "backends", []) or []])
+            b.address, b.state, b.admin, count(b.weight, True), count(b.clients, exact),
+            count(b.new_clients, exact), count(b.packets, exact), count(b.bytes, exact),
+            b.health, _last_check(b.last_check, now)]
+            for b in svc.backends])
     grid = table(["BACKEND", "STATE", "ADMIN", "WEIGHT", "CLIENTS", "NEW", "PACKETS", "BYTES",
                   "HEALTH", "LAST CHECK"], [r for rows in rows_of for r in rows],
                  [False, False, False, True, True, True, True, True, False, False])
     at = 1
-    for svc, rows in zip(services, rows_of, strict=True):
-        n = _get(svc, "clients", 0)
-        lines += ["", f"VIP {_get(svc, 'vip', '?')} (IPv{_get(svc, 'family', '?')}), "
-                      f"strategy {_get(svc, 'strategy', '?')}, "
+    for svc, rows in zip(status.services, rows_of, strict=True):
+        n = svc.clients
+        lines += ["", f"VIP {svc.vip} (IPv{svc.family}), strategy {svc.strategy}, "
                       f"{count(n, exact)} client{'' if n == 1 else 's'}"]
         if not rows:
             lines.append("  no backends")
@@ -456,37 +456,30 @@ def format_status(status: Mapping[str, Any], now: float, exact: bool = False) ->
         lines.append(grid[0])
         lines += grid[at:at + len(rows)]
         at += len(rows)
-    workers = _get(status, "workers", []) or []
-    if workers:
+    if status.workers:
         rows = []
-        for w in workers:
-            alive = _get(w, "alive", True)
-            rows.append([str(_get(w, "index", "?")), str(_get(w, "queue", "?")),
-                         str(_get(w, "pid", "?")), "alive" if alive else "dead",
-                         count(_get(w, "restarts", 0), True), count(_get(w, "packets"), exact),
-                         count(_get(w, "dropped"), exact)])
+        for w in status.workers:
+            report = w.report  # None before its first report: nothing counted yet
+            rows.append([str(w.index), str(w.queue), "?" if report is None else str(report.pid),
+                         "alive" if w.alive else "dead", count(w.restarts, True),
+                         count(None if report is None else report.packets, exact),
+                         count(None if report is None else report.dropped, exact)])
         lines.append("")
         lines += table(["WORKER", "QUEUE", "PID", "STATE", "RESTARTS", "PACKETS", "DROPPED"],
                        rows, [True, True, True, False, True, True, True], indent="")
-    queues = _get(status, "kernel_queues", {}) or {}
-    if isinstance(queues, Mapping) and queues:
-        rows = [[str(q), count(_get(v, "waiting"), exact), count(_get(v, "queue_dropped"), exact),
-                 count(_get(v, "user_dropped"), exact)]
-                for q, v in sorted(queues.items(), key=lambda kv: _queue_order(kv[0]))]
+    if status.kernel_queues:
+        rows = [[str(q), count(v.waiting, exact), count(v.queue_dropped, exact),
+                 count(v.user_dropped, exact)]
+                for q, v in sorted(status.kernel_queues.items())]
         lines.append("")
         lines += table(["QUEUE", "WAITING", "QUEUE DROPPED", "USER DROPPED"], rows,
                        [True, True, True, True], indent="")
-    drops = _get(status, "kernel_drops")
-    if isinstance(drops, Mapping) and drops:  # conntrack path: shown even when 0
+    if status.kernel_drops:  # conntrack path: shown even when 0
         lines.append("")
         lines += table(["KERNEL DROP", "PACKETS"],
-                       [[str(k), count(v, exact)] for k, v in sorted(drops.items())],
+                       [[k, count(v, exact)] for k, v in sorted(status.kernel_drops.items())],
                        [False, True], indent="")
     return "\n".join(lines) + "\n"
-
-
-def _queue_order(key: str) -> tuple[int, str]:
-    return (int(key), "") if str(key).isdigit() else (1 << 30, str(key))
 
 
 def _plural(n: int, word: str) -> str:

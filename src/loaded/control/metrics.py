@@ -1,8 +1,8 @@
 """Prometheus metrics from the daemon's status snapshot.
 
 :class:`StatusCollector` is a custom ``prometheus_client`` collector: on every
-scrape it calls ``get_status()`` once and turns the snapshot (the dict the
-supervisor builds, see :mod:`loaded.control.web`) into metric families. Nothing
+scrape it calls ``get_status()`` once and turns the snapshot (the
+``loaded.core.status.Status`` the supervisor builds) into metric families. Nothing
 is kept between scrapes, so counters are exactly what the daemon reports.
 :func:`make_registry` puts one in a registry of its own; the process-wide
 default registry is never touched.
@@ -45,18 +45,19 @@ worker saw them; it has series only on the conntrack data path (reason
 ``conntrack-invalid``: the guard chain's drops of packets conntrack found
 invalid), and none on the per-packet path, where nothing is counted.
 
-Missing optional keys are tolerated: a metric whose value is absent from the
-snapshot is left out rather than reported as zero (except per-backend and
-per-worker counters, which default to 0 so every series exists from the start).
-If ``get_status()`` raises, the exception propagates to the caller of
-``collect()`` (the HTTP server answers 503).
+The snapshot is typed (``loaded.core.status``), so nothing here checks it
+again. A value the snapshot does not have yet is left out rather than
+reported as zero: a backend's last check before its first probe, a worker's
+latency histogram before its first report. A worker's own counters are 0
+until then, so that every series exists from the start. If ``get_status()``
+raises, the exception propagates to the caller of ``collect()`` (the HTTP
+server answers 503).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -67,51 +68,20 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["Status", "StatusCollector", "StatusSource", "make_registry"]
+from loaded.core.status import (
+    DaemonInfo,
+    Latency,
+    QueueStatus,
+    ServiceStatus,
+    Status,
+    WorkerStatus,
+)
 
-Status = Mapping[str, Any]
+__all__ = ["StatusCollector", "StatusSource", "make_registry"]
+
 StatusSource = Callable[[], Status]
 
 PREFIX = "loaded_"
-BACKEND_STATES = ("up", "draining", "down")
-
-
-def _num(value: Any, default: float | None = 0.0) -> float | None:
-    """A finite-or-infinite float from a snapshot value; ``default`` if unusable."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return default
-    return default
-
-
-def _f(value: Any) -> float:
-    """Like :func:`_num` with 0.0 as default, typed as a plain float."""
-    out = _num(value, 0.0)
-    return 0.0 if out is None else out
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _dict(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _le(value: Any) -> float:
-    """A bucket bound: number, or "+Inf"/"inf"/None for the last bucket."""
-    if value is None:
-        return math.inf
-    if isinstance(value, str) and value.strip().lower() in ("+inf", "inf"):
-        return math.inf
-    out = _num(value, None)
-    return math.inf if out is None else out
 
 
 def _format_le(bound: float) -> str:
@@ -120,33 +90,25 @@ def _format_le(bound: float) -> str:
     return repr(float(bound))
 
 
-def histogram_buckets(latency: Mapping[str, Any]) -> tuple[list[tuple[str, float]], float]:
-    """Cumulative ``(le, count)`` buckets ending in +Inf, and the sum, from a snapshot.
+def histogram_buckets(latency: Latency) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative ``(le, count)`` buckets ending in +Inf, and the sum.
 
-    Bounds are sorted, duplicates merged, counts made monotonic; the +Inf bucket
-    is ``count`` when given (and never below the largest finite bucket).
+    Bounds are sorted, duplicates merged, counts made monotonic, as Prometheus
+    requires whatever a worker counted; the +Inf bucket is ``count`` (never
+    below the largest finite bucket).
     """
     merged: dict[float, float] = {}
-    for item in _list(latency.get("buckets")):
-        if not isinstance(item, list | tuple) or len(item) < 2:
-            continue
-        bound = _le(item[0])
-        if math.isnan(bound):
-            continue
-        merged[bound] = max(merged.get(bound, 0.0), _f(item[1]))
-    ordered = sorted(merged.items())
+    for bound, n in latency.buckets:
+        merged[bound] = max(merged.get(bound, 0.0), float(n))
     out: list[tuple[str, float]] = []
     running = 0.0
-    for bound, count in ordered:
+    for bound, seen in sorted(merged.items()):
         if math.isinf(bound):
             continue
-        running = max(running, count)
+        running = max(running, seen)
         out.append((_format_le(bound), running))
-    total = _num(latency.get("count"), None)
-    if total is None:
-        total = merged.get(math.inf, running)
-    out.append(("+Inf", max(total, running)))
-    return out, _f(latency.get("sum"))
+    out.append(("+Inf", max(float(latency.count), running)))
+    return out, latency.sum
 
 
 class StatusCollector(Collector):
@@ -161,40 +123,32 @@ class StatusCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         status = self._get_status()
-        if not isinstance(status, Mapping):
-            raise TypeError(f"status snapshot is {type(status).__name__}, not a mapping")
-        yield from self._daemon(_dict(status.get("daemon")))
-        yield from self._services(_list(status.get("services")))
-        yield from self._workers(_list(status.get("workers")))
-        yield from self._kernel(_dict(status.get("kernel_queues")))
-        yield from self._kernel_drops(_dict(status.get("kernel_drops")))
+        if not isinstance(status, Status):  # a wrong source is a bug: say so, do not guess
+            raise TypeError(f"status snapshot is {type(status).__name__}, not a Status")
+        yield from self._daemon(status.daemon)
+        yield from self._services(status.services)
+        yield from self._workers(status.workers)
+        yield from self._kernel(status.kernel_queues)
+        yield from self._kernel_drops(status.kernel_drops or {})
 
     # -- daemon -----------------------------------------------------------------------
 
-    def _daemon(self, daemon: Mapping[str, Any]) -> Iterator[Metric]:
+    def _daemon(self, daemon: DaemonInfo) -> Iterator[Metric]:
         info = InfoMetricFamily(
             PREFIX + "daemon", "The running daemon: tag, version, datapath, config file.")
-        info.add_metric([], {
-            "tag": str(daemon.get("tag", "")),
-            "version": str(daemon.get("version", "")),
-            "datapath": str(daemon.get("datapath", "")),
-            "config": str(daemon.get("config", "")),
-        })
+        info.add_metric([], {"tag": daemon.tag, "version": daemon.version,
+                             "datapath": daemon.datapath, "config": daemon.config})
         yield info
-        started = _num(daemon.get("started_at"), None)
-        if started is not None:
-            yield GaugeMetricFamily(
-                PREFIX + "daemon_start_time_seconds",
-                "Unix time the daemon started.", value=started)
-        uptime = _num(daemon.get("uptime"), None)
-        if uptime is not None:
-            yield GaugeMetricFamily(
-                PREFIX + "daemon_uptime_seconds",
-                "Seconds since the daemon started.", value=uptime)
+        yield GaugeMetricFamily(
+            PREFIX + "daemon_start_time_seconds",
+            "Unix time the daemon started.", value=daemon.started_at)
+        yield GaugeMetricFamily(
+            PREFIX + "daemon_uptime_seconds",
+            "Seconds since the daemon started.", value=daemon.uptime)
 
     # -- services and backends --------------------------------------------------------
 
-    def _services(self, services: list[Any]) -> Iterator[Metric]:
+    def _services(self, services: Sequence[ServiceStatus]) -> Iterator[Metric]:
         vb = ["vip", "backend"]
         info = InfoMetricFamily(
             PREFIX + "service", "A virtual IP: address family and balancing strategy.")
@@ -228,40 +182,28 @@ class StatusCollector(Collector):
             "Unix time of the backend's last health check.", labels=vb)
 
         for service in services:
-            if not isinstance(service, Mapping):
-                continue
-            vip = str(service.get("vip", ""))
-            info.add_metric([], {
-                "vip": vip,
-                "family": str(service.get("family", "")),
-                "strategy": str(service.get("strategy", "")),
-            })
-            service_clients = _num(service.get("clients"), None)
-            if service_clients is not None:
-                clients.add_metric([vip], service_clients)
-            for backend in _list(service.get("backends")):
-                if not isinstance(backend, Mapping):
-                    continue
-                labels = [vip, str(backend.get("address", ""))]
-                packets.add_metric(labels, _f(backend.get("packets")))
-                octets.add_metric(labels, _f(backend.get("bytes")))
-                new_clients.add_metric(labels, _f(backend.get("new_clients")))
-                active.add_metric(labels, _f(backend.get("clients")))
-                up.add_metric(labels, 1.0 if backend.get("health") == "up" else 0.0)
-                state.add_metric(
-                    [*labels, str(backend.get("state", "unknown")),
-                     str(backend.get("admin", "unknown"))], 1.0)
-                transitions.add_metric(labels, _f(backend.get("transitions")))
-                weight.add_metric(labels, _f(backend.get("weight", 1)))
-                at = _num(_dict(backend.get("last_check")).get("at"), None)
-                if at is not None:
-                    last_check.add_metric(labels, at)
+            vip = service.vip
+            info.add_metric([], {"vip": vip, "family": str(service.family),
+                                 "strategy": service.strategy})
+            clients.add_metric([vip], service.clients)
+            for backend in service.backends:
+                labels = [vip, backend.address]
+                packets.add_metric(labels, backend.packets)
+                octets.add_metric(labels, backend.bytes)
+                new_clients.add_metric(labels, backend.new_clients)
+                active.add_metric(labels, backend.clients)
+                up.add_metric(labels, 1.0 if backend.health == "up" else 0.0)
+                state.add_metric([*labels, backend.state, backend.admin], 1.0)
+                transitions.add_metric(labels, backend.transitions)
+                weight.add_metric(labels, backend.weight)
+                if backend.last_check is not None:
+                    last_check.add_metric(labels, backend.last_check.at)
         yield from (info, clients, packets, octets, new_clients, active, up, state,
                     transitions, weight, last_check)
 
     # -- workers ----------------------------------------------------------------------
 
-    def _workers(self, workers: list[Any]) -> Iterator[Metric]:
+    def _workers(self, workers: Sequence[WorkerStatus]) -> Iterator[Metric]:
         wq = ["worker", "queue"]
         alive = GaugeMetricFamily(
             PREFIX + "worker_up", "1 if the worker process is running.", labels=wq)
@@ -282,25 +224,23 @@ class StatusCollector(Collector):
             PREFIX + "worker_verdict_latency_seconds",
             "Seconds from a packet's arrival in the worker to its verdict.", labels=wq)
         for worker in workers:
-            if not isinstance(worker, Mapping):
-                continue
-            labels = [str(worker.get("index", "")), str(worker.get("queue", ""))]
-            alive.add_metric(labels, 1.0 if worker.get("alive") else 0.0)
-            packets.add_metric(labels, _f(worker.get("packets")))
-            for reason, count in sorted(_dict(worker.get("drops")).items()):
-                drops.add_metric([*labels, str(reason)], _f(count))
-            refused.add_metric(labels, _f(worker.get("refused")))
-            restarts.add_metric(labels, _f(worker.get("restarts")))
-            cpu.add_metric(labels, _f(worker.get("cpu_seconds")))
-            lat = worker.get("latency")
-            if isinstance(lat, Mapping):
-                buckets, total = histogram_buckets(lat)
+            labels = [str(worker.index), str(worker.queue)]
+            report = worker.report
+            alive.add_metric(labels, 1.0 if worker.alive else 0.0)
+            packets.add_metric(labels, 0 if report is None else report.packets)
+            for reason, count in sorted(worker.drops.items()):
+                drops.add_metric([*labels, reason], count)
+            refused.add_metric(labels, 0 if report is None else report.refused)
+            restarts.add_metric(labels, worker.restarts)
+            cpu.add_metric(labels, 0.0 if report is None else report.cpu_seconds)
+            if report is not None:
+                buckets, total = histogram_buckets(report.latency)
                 latency.add_metric(labels, buckets, total)
         yield from (alive, packets, drops, refused, restarts, cpu, latency)
 
     # -- kernel queues ----------------------------------------------------------------
 
-    def _kernel(self, queues: Mapping[str, Any]) -> Iterator[Metric]:
+    def _kernel(self, queues: Mapping[int, QueueStatus]) -> Iterator[Metric]:
         length = GaugeMetricFamily(
             PREFIX + "kernel_queue_length",
             "Packets waiting in the kernel's NFQUEUE for a verdict now "
@@ -316,29 +256,21 @@ class StatusCollector(Collector):
             PREFIX + "kernel_queue_id_sequence",
             "Id of the last packet the kernel queued (wraps at 2^32).", labels=["queue"])
 
-        def order(key: str) -> tuple[int, str]:
-            return (int(key), "") if key.isdigit() else (1 << 62, key)
-
-        for queue in sorted(queues, key=lambda k: order(str(k))):
-            stats = _dict(queues[queue])
+        for queue, stats in sorted(queues.items()):
             labels = [str(queue)]
-            waiting = _num(stats.get("queue_total", stats.get("waiting")), None)
-            if waiting is not None:
-                length.add_metric(labels, waiting)
-            dropped.add_metric(labels, _f(stats.get("queue_dropped")))
-            user_dropped.add_metric(labels, _f(stats.get("user_dropped")))
-            seq = _num(stats.get("id_sequence"), None)
-            if seq is not None:
-                id_sequence.add_metric(labels, seq)
+            length.add_metric(labels, stats.waiting)
+            dropped.add_metric(labels, stats.queue_dropped)
+            user_dropped.add_metric(labels, stats.user_dropped)
+            id_sequence.add_metric(labels, stats.id_sequence)
         yield from (length, dropped, user_dropped, id_sequence)
 
-    def _kernel_drops(self, drops: Mapping[str, Any]) -> Iterator[Metric]:
+    def _kernel_drops(self, drops: Mapping[str, int]) -> Iterator[Metric]:
         family = CounterMetricFamily(
             PREFIX + "kernel_drops",
             "Packets the kernel dropped before balancing, by reason (conntrack-invalid: "
             "conntrack found them invalid). Conntrack data path only.", labels=["reason"])
         for reason in sorted(drops):
-            family.add_metric([str(reason)], _f(drops[reason]))
+            family.add_metric([reason], drops[reason])
         yield family
 
 

@@ -29,26 +29,36 @@ Times: ``at``, ``started_at``, ``written_at`` are wall-clock Unix seconds;
 Commands
 ========
 
-``status``: args ``{}``. Result::
+``status``: args ``{}``. Result, a ``loaded.core.status.Status`` as its
+``to_json()`` (``Status.from_json`` reads it back)::
 
     {"daemon": {"pid": int, "tag": str, "config": str, "version": str,
                 "uptime": float, "datapath": "perpacket"|"conntrack",
                 "started_at": float},
      "services": [{"vip": "198.18.1.100", "family": 4, "strategy": "rr",
-                   "clients": int,
+                   "datapath": str, "clients": int, "client_table_max": int | null,
                    "backends": [{"address": "198.19.0.11", "weight": 1,
-                                 "state": "up"|"draining"|"down",
+                                 "state": "up"|"draining"|"down", "mark": int | null,
                                  "admin": "enabled"|"drain"|"disabled",
                                  "health": "up"|"down"|"unknown",
                                  "transitions": int,
                                  "last_check": {"ok": bool, "detail": str,
-                                                "at": float} | null,
+                                                "at": float, "latency": float,
+                                                "check": str} | null,
                                  "clients": int, "new_clients": int,
                                  "packets": int, "bytes": int}]}],
-     "workers": [{"index": int, "queue": int, "pid": int, "alive": bool,
-                  "restarts": int, "packets": int, "dropped": int, ...}],
-     "kernel_queues": {"<queue>": {"waiting": int, "queue_dropped": int,
-                                   "user_dropped": int, ...}},
+     "workers": [{"index": int, "queue": int, "alive": bool, "restarts": int,
+                  "drops": {reason: int},
+                  once it has reported: "pid": int, "packets": int,
+                  "accepted": int, "dropped": int, "batches": int,
+                  "overruns": int, "truncated": int,
+                  "verdict_errors": {errno: int}, "refused": int,
+                  "learned_dropped": int, "cpu_seconds": float,
+                  "latency": {"buckets": [[bound, int]], "sum": float,
+                              "count": int}}],
+     "kernel_queues": {"<queue>": {"portid": int, "waiting": int, "copy_mode": int,
+                                   "copy_range": int, "queue_dropped": int,
+                                   "user_dropped": int, "id_sequence": int}},
      "kernel_drops": {"conntrack-invalid": int},          (conntrack path only)
      "endpoints": {"metrics": "http://127.0.0.1:9100/metrics",
                    "status": "http://127.0.0.1:9100/"}}

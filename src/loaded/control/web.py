@@ -8,7 +8,8 @@ bounds below):
     Prometheus text format (OpenMetrics when the scraper asks for it) from a
     :class:`~loaded.control.metrics.StatusCollector` in a registry of its own.
 ``GET /api/status``
-    ``get_status()`` as JSON, unchanged.
+    ``get_status()`` (a ``loaded.core.status.Status``) as its ``to_json()``, the
+    shape ``loaded status --json`` prints and the page reads.
 ``GET /api/history``
     Per-backend packet and byte rates over the last ``history_seconds``
     (default 10 minutes), sampled by the server itself every
@@ -81,7 +82,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client.exposition import choose_encoder
 
-from loaded.control.metrics import Status, StatusSource, make_registry
+from loaded.control.metrics import StatusSource, make_registry
+from loaded.core.status import Status
 
 __all__ = ["History", "StatusServer"]
 
@@ -103,12 +105,6 @@ _FULL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset
 def _short(exc: BaseException, limit: int = 200) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("\r", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _count(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
 
 
 class History:
@@ -133,20 +129,11 @@ class History:
         """Record one snapshot taken at unix time ``wall``, monotonic time ``mono``."""
         rates: list[dict[str, Any]] = []
         seen: dict[tuple[str, str], tuple[float, float, float]] = {}
-        services = status.get("services")
-        for service in services if isinstance(services, list) else []:
-            if not isinstance(service, Mapping):
-                continue
-            vip = str(service.get("vip", ""))
-            backends = service.get("backends")
-            for backend in backends if isinstance(backends, list) else []:
-                if not isinstance(backend, Mapping):
-                    continue
-                address = str(backend.get("address", ""))
-                packets = _count(backend.get("packets"))
-                octets = _count(backend.get("bytes"))
-                if packets is None or octets is None:
-                    continue
+        for service in status.services:
+            vip = service.vip
+            for backend in service.backends:
+                address = backend.address
+                packets, octets = float(backend.packets), float(backend.bytes)
                 key = (vip, address)
                 seen[key] = (mono, packets, octets)
                 before = self._last.get(key)
@@ -338,7 +325,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/metrics":
                 self._metrics(head)
             elif path == "/api/status":
-                self._json(owner.get_status, head)
+                self._json(lambda: owner.get_status().to_json(), head, status=True)
             elif path == "/api/history":
                 self._json(owner.history.snapshot, head)
             else:
@@ -374,7 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.owner.failing = False
         self._send(HTTPStatus.OK, body, content_type, head)
 
-    def _json(self, source: Callable[[], Any], head: bool) -> None:
+    def _json(self, source: Callable[[], Any], head: bool, status: bool = False) -> None:
         try:
             data = source()
             body = json.dumps(data, allow_nan=False, default=str,
@@ -382,7 +369,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:
             self._unavailable(e, head)
             return
-        if source is self.server.owner.get_status:
+        if status:
             self.server.owner.failing = False
         self._send(HTTPStatus.OK, body, "application/json", head)
 
@@ -513,10 +500,7 @@ class StatusServer:
 
     def sample(self) -> None:
         """Take one history sample now (the sampler thread calls this every interval)."""
-        status = self.get_status()
-        if not isinstance(status, Mapping):
-            raise TypeError(f"status snapshot is {type(status).__name__}, not a mapping")
-        self.history.add(status, time.time(), time.monotonic())
+        self.history.add(self.get_status(), time.time(), time.monotonic())
 
     def _sample_loop(self) -> None:
         failing = False

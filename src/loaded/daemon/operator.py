@@ -53,6 +53,7 @@ from loaded.core.plan import Plan
 from loaded.core.pool import IPAddress
 from loaded.core.preview import merge_previews
 from loaded.core.reload import diff_configs
+from loaded.core.status import Status
 from loaded.io.files import write_atomic
 from loaded.io.kernel import Kernel
 from loaded.io.preflight import foreign_file, load_saved
@@ -91,7 +92,7 @@ class Daemon(Protocol):
     @property
     def children(self) -> Sequence[_WorkerSlot]: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> Status: ...
     def vips(self) -> list[str]: ...
     def own_addresses(self) -> Iterable[IPAddress]: ...
     def command(self, command: PoolCommand) -> None: ...
@@ -110,7 +111,7 @@ class Operator:
     def handle(self, request: dict[str, Any]) -> Any:
         cmd, args = request["cmd"], request.get("args", {})
         if cmd == "status":
-            return self.sup.status()
+            return self.sup.status().to_json()
         if cmd == "backend":
             return self.backend(args)
         if cmd == "clients":

@@ -1,5 +1,6 @@
-"""The daemon's status snapshot: what ``loaded status``, the metrics endpoint and
-the status page show, assembled from what the supervisor knows.
+"""The daemon's status snapshot (a ``loaded.core.status.Status``): what ``loaded
+status``, the metrics endpoint and the status page show, assembled from what the
+supervisor knows.
 
 Inputs, all plain data: each worker's latest report (its counters and its view
 of every pool), the health monitor's targets, the administrative state the
@@ -25,6 +26,9 @@ Rules:
   counters; today ``conntrack-invalid``, the guard chain's drops of packets
   conntrack calls invalid. Without it those drops would be in the stats file
   alone, invisible in ``loaded status``, the metrics and the page.
+- A worker's own counters (``WorkerReport``) are there once it has reported
+  (its report has a ``pid``); before, and after it died, only what the
+  supervisor knows of it.
 - Times go out as Unix time; the supervisor's clocks are monotonic.
 """
 
@@ -34,6 +38,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from loaded.core.health import TargetStatus
+from loaded.core.status import (
+    BackendStatus,
+    DaemonInfo,
+    LastCheck,
+    QueueStatus,
+    ServiceStatus,
+    Status,
+    WorkerReport,
+    WorkerStatus,
+)
+
+_SUMMED = ("clients", "new_clients", "packets", "bytes")
 
 
 def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], strategy: str,
@@ -41,18 +57,23 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
                  health: Iterable[TargetStatus], admin: Mapping[tuple[str, str], str],
                  transitions: Mapping[tuple[str, str], int],
                  counters: Mapping[int, tuple[int, int]] | None,
-                 kernel_queues: Mapping[str, Any], endpoints: Mapping[str, str],
+                 kernel_queues: Mapping[str, Mapping[str, int]], endpoints: Mapping[str, str],
                  now_mono: float, now_wall: float,
                  extra_backends: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
                  retired: Mapping[tuple[str, str], Mapping[str, int]] | None = None,
                  client_table_max: int | None = None,
                  kernel_drops: Mapping[str, int] | None = None,
                  reply_counters: Mapping[int, tuple[int, int]] | None = None,
-                 ) -> dict[str, Any]:
+                 ) -> Status:
+    """``daemon``: pid, tag, config, version, uptime, started_at (``DaemonInfo``
+    without the datapath); ``workers``: each worker's latest report with the
+    supervisor's ``index``, ``queue``, ``alive``, ``restarts``; ``kernel_queues``:
+    ``read_proc_stats()`` of the daemon's queues."""
     by_target = {(str(t.vip), str(t.ip)): t for t in health}
     services = []
     for family, vip in vips:
-        merged: dict[str, dict[str, Any]] = {}
+        # Per backend, in the order first seen: weight, state, mark, and the sums.
+        merged: dict[str, tuple[int, str, int | None, dict[str, int]]] = {}
         clients = 0
         for w in workers:
             svc = w.get("services", {}).get(vip)
@@ -60,61 +81,60 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
                 continue
             clients += int(svc.get("clients", 0))
             for ip, b in svc.get("backends", {}).items():
-                agg = merged.get(ip)
-                if agg is None:
-                    agg = merged[ip] = {
-                        "address": ip, "weight": b.get("weight", 1), "state": b.get("state"),
-                        "mark": b.get("mark"), "clients": 0, "new_clients": 0,
-                        "packets": 0, "bytes": 0}
-                for key in ("clients", "new_clients", "packets", "bytes"):
-                    agg[key] += int(b.get(key, 0))
+                if ip not in merged:
+                    merged[ip] = (int(b.get("weight", 1)), str(b.get("state")), b.get("mark"),
+                                  dict.fromkeys(_SUMMED, 0))
+                sums = merged[ip][3]
+                for key in _SUMMED:
+                    sums[key] += int(b.get(key, 0))
         for (v, ip), extra in (extra_backends or {}).items():
             if v == vip and ip not in merged:
-                merged[ip] = {"address": ip, "weight": extra.get("weight", 1),
-                              "state": extra.get("state", "up"), "mark": extra.get("mark"),
-                              "clients": 0, "new_clients": 0, "packets": 0, "bytes": 0}
+                merged[ip] = (int(extra.get("weight", 1)), str(extra.get("state", "up")),
+                              extra.get("mark"), dict.fromkeys(_SUMMED, 0))
         for (v, ip), carried in (retired or {}).items():
             if v == vip and ip in merged:
                 for key in ("packets", "bytes", "new_clients"):
-                    merged[ip][key] += int(carried.get(key, 0))
+                    merged[ip][3][key] += int(carried.get(key, 0))
         backends = []
-        for ip, agg in merged.items():
-            if counters is not None and agg.get("mark") is not None:
-                agg["packets"], agg["bytes"] = counters.get(int(agg["mark"]), (0, 0))
-            if reply_counters is not None and agg.get("mark") is not None:
-                packets, nbytes = reply_counters.get(int(agg["mark"]), (0, 0))
-                agg["packets"] += packets
-                agg["bytes"] += nbytes
+        for ip, (weight, state, mark, sums) in merged.items():
+            packets, nbytes = sums["packets"], sums["bytes"]
+            if counters is not None and mark is not None:
+                packets, nbytes = counters.get(mark, (0, 0))
+            if reply_counters is not None and mark is not None:
+                more_packets, more_bytes = reply_counters.get(mark, (0, 0))
+                packets += more_packets
+                nbytes += more_bytes
             target = (vip, ip)
             t = by_target.get(target)
-            agg["admin"] = admin.get(target, "enabled")
-            agg["transitions"] = transitions.get(target, 0)
             if t is None or t.last_at is None:
-                agg["health"] = "unknown"
-                agg["last_check"] = None
+                health_now, check = "unknown", None
             else:
-                agg["health"] = "up" if t.up else "down"
-                agg["last_check"] = {"ok": bool(t.last_ok), "detail": t.reason,
-                                     "at": now_wall - (now_mono - t.last_at),
-                                     "latency": t.latency, "check": t.check}
-            backends.append(agg)
-        backends.sort(key=lambda b: (b.get("mark") is None, b.get("mark") or 0, b["address"]))
-        services.append({"vip": vip, "family": family, "strategy": strategy,
-                         "datapath": datapath, "clients": clients,
-                         "client_table_max": client_table_max, "backends": backends})
-    out = {
-        "daemon": dict(daemon, datapath=datapath),
-        "services": services,
-        "workers": [_worker(w) for w in workers],
-        "kernel_queues": dict(kernel_queues),
-        "endpoints": dict(endpoints),
-    }
-    if kernel_drops is not None:
-        out["kernel_drops"] = {str(k): int(v) for k, v in kernel_drops.items()}
-    return out
+                health_now = "up" if t.up else "down"
+                check = LastCheck(ok=bool(t.last_ok), detail=t.reason,
+                                  at=now_wall - (now_mono - t.last_at), latency=t.latency,
+                                  check=t.check)
+            backends.append(BackendStatus(
+                address=ip, weight=weight, state=state, mark=mark, clients=sums["clients"],
+                new_clients=sums["new_clients"], packets=packets, bytes=nbytes,
+                admin=admin.get(target, "enabled"), transitions=transitions.get(target, 0),
+                health=health_now, last_check=check))
+        backends.sort(key=lambda b: (b.mark is None, b.mark or 0, b.address))
+        services.append(ServiceStatus(
+            vip=vip, family=family, strategy=strategy, datapath=datapath, clients=clients,
+            client_table_max=client_table_max, backends=tuple(backends)))
+    return Status(
+        daemon=DaemonInfo(**daemon, datapath=datapath),
+        services=tuple(services),
+        workers=tuple(_worker(w) for w in workers),
+        kernel_queues={int(q): QueueStatus(**stats) for q, stats in kernel_queues.items()},
+        endpoints=dict(endpoints),
+        kernel_drops=None if kernel_drops is None else dict(kernel_drops))
 
 
-def _worker(w: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in w.items() if k != "services"}
-    out.setdefault("drops", {})
-    return out
+def _worker(w: Mapping[str, Any]) -> WorkerStatus:
+    # The report is the worker's snapshot as it sent it over its pipe, in the
+    # status JSON's shape: the snapshot's own decoder reads it.
+    report = WorkerReport.from_json(w) if "pid" in w else None
+    return WorkerStatus(index=int(w["index"]), queue=int(w["queue"]), alive=bool(w["alive"]),
+                        restarts=int(w["restarts"]), drops=dict(w.get("drops", {})),
+                        report=report)

@@ -66,6 +66,7 @@ from loaded.core.health import (
 )
 from loaded.core.plan import Neighbour, Plan
 from loaded.core.pool import IPAddress
+from loaded.core.status import Status
 from loaded.daemon.operator import Operator
 from loaded.daemon.status import build_status
 from loaded.daemon.worker import Worker, WorkerSpec
@@ -136,7 +137,7 @@ class Supervisor:
         self.operator = Operator(self)
         self.control: ControlServer | None = None
         self.web: StatusServer | None = None
-        self._status: dict[str, Any] = {}
+        self._status: Status | None = None  # the HTTP server's threads read it
         self._qids = itertools.count(1)
         self._queries: dict[int, _Query] = {}
         self._reload_requested = False
@@ -343,7 +344,7 @@ class Supervisor:
 
     # --- status ------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         now = time.monotonic()
         health = self.health.status() if self.health is not None else []
         states = self.backends
@@ -376,8 +377,10 @@ class Supervisor:
                               * len(self.children)),
             kernel_drops=kernel.kernel_drops)
 
-    def _cached_status(self) -> dict[str, Any]:
+    def _cached_status(self) -> Status:
         # The HTTP server's threads: the main loop refreshes this once a second.
+        if self._status is None:  # the server starts just before the first one
+            raise RuntimeError("no status yet")
         return self._status
 
     def _start_servers(self) -> None:
@@ -659,7 +662,7 @@ class Supervisor:
             "workers": [dict(c.last, restarts=c.restarts, alive=c.pid != 0,
                              index=c.spec.index, queue=c.spec.queue)
                         for c in self.children],
-            "kernel_queues": self._status["kernel_queues"],
+            "kernel_queues": self._status.to_json()["kernel_queues"],
             "unresolved_neighbours": [str(n.ip) for n in self.kernel.unresolved],
             "datapath": self.plan.datapath.name,
         }
