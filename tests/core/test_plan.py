@@ -69,8 +69,11 @@ def test_rules_hash_clients_to_workers_and_exclude_dns() -> None:
     hmark = [r for r in mangle.rules if "HMARK" in r]
     assert len(hmark) == 1 and "src,dst" in hmark[0]
     queues = [r for r in mangle.rules if "NFQUEUE" in r]
-    assert [r[r.index("--mark") + 1] for r in queues] == [str(MARK_BASE), str(MARK_BASE + 1)]
-    assert [r[r.index("--queue-num") + 1] for r in queues] == ["0", "1"]
+    *marked, unhashed = queues
+    assert [r[r.index("--mark") + 1] for r in marked] == [str(MARK_BASE), str(MARK_BASE + 1)]
+    assert [r[r.index("--queue-num") + 1] for r in queues] == ["0", "1", "0"]
+    # what HMARK could not hash (no mark) still meets a worker: the last rule
+    assert "--mark" not in unhashed and mangle.rules[-1] is unhashed
     assert all("--queue-bypass" not in r for r in queues)  # fail-closed by default
     forward = chains["filter"].rules
     assert forward[0][:2] == ("-d", "198.18.5.53") and forward[-1][-1] == "0:1"

@@ -3,12 +3,15 @@ is replaced, and the undo takes back exactly what was added."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from loaded.core.checksum import checksum
 from loaded.lab import traffic
 from loaded.lab.topology import Lab
 from tests.e2e.conftest import PORT, Daemon, kernel_state
@@ -100,3 +103,40 @@ def test_clean_stop_leaves_no_stats_file_and_logs_the_totals(lab: Lab,
     assert all("queue=None" not in line and "pid=-" not in line for line in final), final
     # Nothing but our own log lines: no library chatter on stderr.
     assert "warning: stmt ops" not in d.log and "no json callback" not in d.log
+
+
+def _icmp4_error_with_garbage_quote(src: str, dst: str) -> bytes:
+    # a quote shorter than an IPv4 header: HMARK cannot read the inner addresses
+    icmp = bytearray(struct.pack("!BBHI", 3, 1, 0, 0) + b"\x45" + b"\x99" * 7)
+    icmp[2:4] = struct.pack("!H", checksum(bytes(icmp)))
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 7, 0, 64, 1, 0,
+                                socket.inet_aton(src), socket.inet_aton(dst)))
+    hdr[10:12] = struct.pack("!H", checksum(bytes(hdr)))
+    return bytes(hdr + icmp)
+
+
+def test_what_hmark_cannot_hash_still_meets_a_worker(lab: Lab, daemon_factory: Any,
+                                                     datapath: str) -> None:
+    """An ICMP error to the VIP whose quote is garbage: HMARK cannot hash it and
+    leaves no mark. It used to match no queue rule and reach the balancer's own
+    stack unseen; now the first worker gets it, and counts and drops it."""
+    d: Daemon = daemon_factory("unhashed.conf").start()
+    n = 25
+    raw4 = lab.socket("cl", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        for i in range(n):
+            raw4.sendto(_icmp4_error_with_garbage_quote(lab.clients4[i % 6], lab.vip4),
+                        (lab.vip4, 0))
+    finally:
+        raw4.close()
+
+    def counted(s: dict[str, Any]) -> int:
+        drops = sum(sum(w.get("drops", {}).values()) for w in s["workers"])
+        return drops + int(s.get("conntrack", {}).get("invalid", 0))
+
+    stats = d.wait_stats(lambda s: counted(s) >= n)
+    assert counted(stats) == n
+    if datapath == "perpacket":
+        reasons = {r for w in stats["workers"] for r in w.get("drops", {})}
+        assert reasons == {"bad-embedded-packet"}, reasons
+    assert d.stop() == 0

@@ -8,7 +8,8 @@ Rules:
 - Every data path spreads packets over the workers the same way: HMARK hashes
   the client and VIP (for an ICMP error, the quoted packet's addresses: the
   same pair) into one mark per worker (``MARK_BASE + i``), each mark queued to
-  its worker's queue; IPv6 neighbour discovery stays local.
+  its worker's queue; IPv6 neighbour discovery stays local; what HMARK cannot
+  hash goes to the first worker's queue.
 - The nftables table is ``inet loaded_<tag>``; a backend's counter is named
   after its mark (``counter_name``/``counter_mark``), whatever the data path
   counts in it; a backend is a target under its mark in ``@backends4``/``6``
@@ -106,6 +107,10 @@ def to_workers(family: int, tag: str, queues: tuple[int, ...], fail_open: bool
                   "--hmark-offset", str(MARK_BASE), "--hmark-rnd", hex(rnd)))
     for i, q in enumerate(queues):
         rules.append(("-m", "mark", "--mark", str(MARK_BASE + i), *queue_target((q,), fail_open)))
+    # HMARK leaves the mark alone when it cannot hash a packet (an ICMP error
+    # whose quote it cannot parse): such a packet must still meet a worker, which
+    # counts and drops it, instead of slipping through to the local stack.
+    rules.append(queue_target((queues[0],), fail_open))
     return rules
 
 
