@@ -107,7 +107,7 @@ def test_kernel_drops_on_the_conntrack_path_only() -> None:
 
 def test_the_supervisor_reports_conntrack_invalid_drops(tmp_path: Path) -> None:
     sup = supervisor(tmp_path, servers(11), datapath="conntrack")
-    sup._invalid = 42  # what the guard chain's counter said at the last reading
+    sup.sync.invalid = 42  # what the guard chain's counter said at the last reading
     assert sup.status().kernel_drops == {"conntrack-invalid": 42}
     other = tmp_path / "pp"
     other.mkdir()

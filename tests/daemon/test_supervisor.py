@@ -65,7 +65,7 @@ def supervisor(tmp_path: Path, servers: str, datapath: str = "conntrack",
     sup = Supervisor(config, (4,), plan, maxlen=16, user=None, journal_dir=tmp_path,
                      config_path=str(conf))
     sup.kernel.close()
-    sup.kernel = FakeKernel()  # type: ignore[assignment]
+    sup.kernel = sup.sync.kernel = FakeKernel()  # type: ignore[assignment]
     return sup
 
 
@@ -165,9 +165,9 @@ def test_conntrack_path_forgets_what_each_change_calls_for(tmp_path: Path) -> No
     sup.operator.backend({"action": "remove", "address": "198.19.0.13"})
     assert calls == [("clients", mark(2))]  # graceful: its connections stay
     # decisions for a backend that is down or gone by now are not remembered
-    sup._learned = [(packed("198.18.0.7"), mark(0)), (packed("198.18.0.8"), mark(1)),
-                    (packed("198.18.0.9"), mark(2))]
-    sup._remember_clients()
+    sup.sync.learn(((packed("198.18.0.7"), mark(0)), (packed("198.18.0.8"), mark(1)),
+                    (packed("198.18.0.9"), mark(2))))
+    sup.sync.remember(int(sup.config.client_timeout))
     assert calls[-1] == ("remember", [("198.18.0.8", mark(1))])
 
 
@@ -175,16 +175,16 @@ def test_delayed_flush_skips_a_backend_enabled_again(tmp_path: Path) -> None:
     sup = supervisor(tmp_path, servers(11, 12))
     calls: list[tuple[Any, ...]] = sup.kernel.calls  # type: ignore[attr-defined]
     sup.operator.backend({"action": "disable", "address": "198.19.0.11"})
-    assert len(sup._forget_again) == 1
+    assert len(sup.sync.forget_again) == 1
     sup.operator.backend({"action": "enable", "address": "198.19.0.11"})
-    assert mark(0) in sup._serving_marks()
+    assert mark(0) in sup.sync.serving_marks()
     calls.clear()
-    sup._forget_due(sup._forget_again[0][0])
-    assert calls == [] and sup._forget_again == []
+    sup.sync.forget_due(sup.sync.forget_again[0][0])
+    assert calls == [] and sup.sync.forget_again == []
     # without the enable, the second forgetting happens
     sup.operator.backend({"action": "disable", "address": "198.19.0.11"})
     calls.clear()
-    sup._forget_due(sup._forget_again[0][0])
+    sup.sync.forget_due(sup.sync.forget_again[0][0])
     assert calls == [("connections", mark(0)), ("clients", mark(0))]
 
 
