@@ -244,6 +244,9 @@ class Supervisor:
             log.error("event=control-socket-failed path=%s error=%s", path, e)
         listen = self.config.status_listen
         if listen is not None:
+            # The status server's sampler asks at once: a first snapshot before it
+            # starts (its own address comes with the next one, just below).
+            self._status = self.status()
             try:
                 self.web = StatusServer(listen[0], listen[1], self._cached_status)
                 self.web.start()
