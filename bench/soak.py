@@ -71,7 +71,7 @@ from typing import Any
 
 import loaded
 from loaded.lab import traffic
-from loaded.lab.balancer import Balancer
+from loaded.lab.balancer import Balancer, kernel_queues
 from loaded.lab.malformed import KINDS, Kind, expected, spoofed_sources
 from loaded.lab.netns import read_proc_net
 from loaded.lab.topology import Lab
@@ -120,19 +120,6 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- the kernel
-
-
-def kernel_queues(lab: Lab) -> dict[int, dict[str, int]]:
-    """/proc/net/netfilter/nfnetlink_queue in the balancer's namespace, now."""
-    names = ("queue", "portid", "waiting", "copy_mode", "copy_range", "queue_dropped",
-             "user_dropped", "id_sequence")
-    out: dict[int, dict[str, int]] = {}
-    for line in read_proc_net(lab.ns("lb"), "netfilter/nfnetlink_queue").splitlines():
-        cols = line.split()
-        if len(cols) >= len(names):
-            row = dict(zip(names, map(int, cols), strict=False))
-            out[row["queue"]] = row
-    return out
 
 
 def lb_received(lab: Lab) -> int:

@@ -38,10 +38,12 @@ from typing import Any
 import pytest
 
 from loaded.lab import traffic
-from loaded.lab.malformed import INVALID, KINDS, Kind, expected, spoofed_sources
-from loaded.lab.netns import pid_alive, read_proc_net
+from loaded.lab.balancer import kernel_queues
+from loaded.lab.malformed import KINDS, Kind, expected, spoofed_sources
+from loaded.lab.netns import pid_alive
 from loaded.lab.topology import Lab
 from tests.e2e.conftest import PORT, Daemon
+from tests.e2e.test_balancing import counted_drops
 
 CLIENTS = 24  # legitimate client addresses per family
 SPOOFED = 256  # distinct source addresses of the client-side storm, per family
@@ -101,28 +103,6 @@ def storm_plan(lab: Lab) -> list[Shot]:
 
 
 # ----------------------------------------------------------------- reading
-
-
-def counted_drops(stats: dict[str, Any]) -> Counter[str]:
-    out: Counter[str] = Counter()
-    for w in stats["workers"]:
-        out.update(w.get("drops", {}))
-    if "conntrack" in stats:
-        out[INVALID] += stats["conntrack"]["invalid"]
-    return +out
-
-
-def kernel_queues(lab: Lab) -> dict[int, dict[str, int]]:
-    """/proc/net/netfilter/nfnetlink_queue in the balancer's namespace, now."""
-    names = ("queue", "portid", "waiting", "copy_mode", "copy_range", "queue_dropped",
-             "user_dropped", "id_sequence")
-    out: dict[int, dict[str, int]] = {}
-    for line in read_proc_net(lab.ns("lb"), "netfilter/nfnetlink_queue").splitlines():
-        cols = line.split()
-        if len(cols) >= len(names):
-            row = dict(zip(names, map(int, cols), strict=False))
-            out[row["queue"]] = row
-    return out
 
 
 def queues_settled(lab: Lab, stats: dict[str, Any]) -> bool:

@@ -371,24 +371,29 @@ def _parse_packet(buf: bytearray, n: int) -> tuple[int, int, int, bool, bool] | 
 
 def read_proc_stats(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[int, dict[str, int]]:
     """The kernel's own counters per queue: queued now, queue drops, user drops."""
-    out: dict[int, dict[str, int]] = {}
     try:
         with open(path) as f:
-            for line in f:
-                cols = line.split()
-                if len(cols) < 8:
-                    continue
-                out[int(cols[0])] = {
-                    "portid": int(cols[1]),
-                    "waiting": int(cols[2]),
-                    "copy_mode": int(cols[3]),
-                    "copy_range": int(cols[4]),
-                    "queue_dropped": int(cols[5]),
-                    "user_dropped": int(cols[6]),
-                    "id_sequence": int(cols[7]),
-                }
+            return parse_proc_stats(f.read())
     except OSError:
-        pass
+        return {}
+
+
+def parse_proc_stats(text: str) -> dict[int, dict[str, int]]:
+    """``/proc/net/netfilter/nfnetlink_queue``'s lines, per queue number."""
+    out: dict[int, dict[str, int]] = {}
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) < 8:
+            continue
+        out[int(cols[0])] = {
+            "portid": int(cols[1]),
+            "waiting": int(cols[2]),
+            "copy_mode": int(cols[3]),
+            "copy_range": int(cols[4]),
+            "queue_dropped": int(cols[5]),
+            "user_dropped": int(cols[6]),
+            "id_sequence": int(cols[7]),
+        }
     return out
 
 

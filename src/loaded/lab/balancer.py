@@ -15,6 +15,8 @@ from typing import Any
 
 from loaded.core.plan import instance_tag
 from loaded.io.kernel import JOURNAL_DIR
+from loaded.io.nfqueue import parse_proc_stats
+from loaded.lab.netns import read_proc_net
 from loaded.lab.topology import Lab
 
 Stats = dict[str, Any]
@@ -22,6 +24,11 @@ Stats = dict[str, Any]
 
 class BalancerError(RuntimeError):
     pass
+
+
+def kernel_queues(lab: Lab) -> dict[int, dict[str, int]]:
+    """The kernel's queue table in the balancer's namespace, now, per queue number."""
+    return parse_proc_stats(read_proc_net(lab.ns("lb"), "netfilter/nfnetlink_queue"))
 
 
 def final_workers(log: str) -> list[dict[str, Any]]:
