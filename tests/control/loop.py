@@ -1,6 +1,6 @@
 """The supervisor's way of running a ``ControlServer``, for tests that have no
-supervisor: one ``select`` over the server's descriptors, then its handlers and
-``tick``, in the order ``loaded.daemon.supervisor`` calls them."""
+supervisor: one ``select`` over the server's descriptors, then ``on_ready``, as
+``loaded.daemon.supervisor`` does."""
 
 from __future__ import annotations
 
@@ -17,9 +17,4 @@ def poll(server: ControlServer, timeout: float | None) -> None:
         readable, writable, _ = select.select(server.read_fds(), server.write_fds(), [], wait)
     except InterruptedError:
         readable, writable = [], []
-    for fd in readable:
-        if fd in server.read_fds():
-            server.on_readable(fd)
-    for fd in writable:
-        server.on_writable(fd)
-    server.tick()
+    server.on_ready(readable, writable)

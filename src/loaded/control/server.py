@@ -236,6 +236,17 @@ class ControlServer:
             log.exception("event=control-error fd=%d", fd)
             self._close(conn)
 
+    def on_ready(self, readable: list[int], writable: list[int]) -> None:
+        """After the owner's ``select`` (over ``read_fds`` and ``write_fds`` among its
+        own descriptors): serve this server's ready descriptors, then ``tick``."""
+        for fd in readable:
+            if fd in self.read_fds():
+                self.on_readable(fd)
+        for fd in writable:
+            if fd in self.write_fds():
+                self.on_writable(fd)
+        self.tick()
+
     def tick(self, now: float | None = None) -> None:
         """Answer pending requests past their timeout; close idle connections."""
         now = self.clock() if now is None else now

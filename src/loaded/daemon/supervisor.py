@@ -429,12 +429,7 @@ class Supervisor:
         if self.sync.learned:
             self.sync.remember(int(self.config.client_timeout))
         if control is not None:
-            for fd in readable:
-                if fd in control.read_fds():
-                    control.on_readable(fd)
-            for fd in writable:
-                control.on_writable(fd)
-            control.tick()
+            control.on_ready(readable, writable)
 
     def write_stats(self) -> None:
         """The stats file, and the status snapshot the HTTP server's threads read,
