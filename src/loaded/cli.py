@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loaded import __version__
-from loaded.core.config import DEFAULT_CONFIGS, Config, load_config
+from loaded.core.config import DATAPATHS, DEFAULT_CONFIGS, Config, load_config
 from loaded.core.errors import ConfigError
 
 EXIT_CONFIG = 2
@@ -82,7 +82,7 @@ def replay_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="capture to read (pcap or pcapng: raw IP, Ethernet, Linux cooked)")
     p.add_argument("output", help="pcap (raw IP) to write the accepted, rewritten packets to")
     p.add_argument("--json", action="store_true", help="one JSON object per packet")
-    p.add_argument("--datapath", choices=("perpacket", "conntrack"), default="perpacket",
+    p.add_argument("--datapath", choices=sorted(DATAPATHS), default="perpacket",
                    help="perpacket (default): every packet rewritten by the engine; "
                         "conntrack: every packet decided as a first packet, its mark shown, "
                         "written as kernel NAT sends it")

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
 from loaded.core.config import Config
+from loaded.core.datapath import DATAPATHS
 from loaded.core.engine import Engine, build_engine
 from loaded.core.errors import PacketError
 from loaded.core.packet import parse, rewrite
 from loaded.core.pool import Backend
 from loaded.io.capture import RawIPWriter, read_ip_packets
-
-DATAPATHS = ("perpacket", "conntrack")
 
 NOT_IP = "not-ip"
 
@@ -57,13 +56,14 @@ def replay(config: Config, src: BinaryIO, dst: BinaryIO, out: TextIO = sys.stdou
            as_json: bool = False, datapath: str = "perpacket") -> None:
     """Run ``src`` through a fresh engine, one line per packet on ``out``."""
     if datapath not in DATAPATHS:
-        raise ValueError(f"no data path {datapath!r} (known: {', '.join(DATAPATHS)})")
+        raise ValueError(f"no data path {datapath!r} (known: {', '.join(sorted(DATAPATHS))})")
+    first_packets = DATAPATHS[datapath].first_packets_only
     writer = RawIPWriter(dst)
     engine: Engine | None = None
     for index, (ts, packet) in enumerate(read_ip_packets(src)):
         if engine is None:
             engine = build_engine(config, now=ts)
-        outcome = _one(engine, index, ts, packet, writer, datapath == "conntrack")
+        outcome = _one(engine, index, ts, packet, writer, first_packets)
         print(outcome.as_json() if as_json else outcome.as_text(), file=out)
 
 

@@ -98,6 +98,8 @@ class DataPath(ABC):
     name: ClassVar[str]
     # The kernel keeps clients the workers decided for (``remember_clients``).
     remembers_clients: ClassVar[bool] = False
+    # Only a connection's first packet reaches a worker (the rest is conntrack's).
+    first_packets_only: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<datapath {self.name}>"
@@ -184,6 +186,7 @@ class Conntrack(DataPath):
     the kernel recalls the clients the workers decided for."""
 
     name = "conntrack"
+    first_packets_only = True
     remembers_clients = True
 
     def chains(self, family: int, tag: str, vip: IPAddress, rip: IPNetwork,
