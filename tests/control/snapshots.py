@@ -59,7 +59,7 @@ def report(*, pid: int = 5000, packets: int = 0, dropped: int = 0, refused: int 
            cpu_seconds: float = 0.0, latency: Latency | None = None) -> WorkerReport:
     return WorkerReport(pid=pid, packets=packets, accepted=packets - dropped,
                         dropped=dropped, batches=0, overruns=0, truncated=0,
-                        verdict_errors={}, refused=refused, learned_dropped=0,
+                        verdict_errors={}, refused=refused,
                         cpu_seconds=cpu_seconds,
                         latency=Latency((), 0.0, 0) if latency is None else latency)
 

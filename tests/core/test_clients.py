@@ -38,7 +38,7 @@ def table_for(n: int, strategy: str = "rr", weights: list[int] | None = None,
     pool = Pool(VIP)
     for i in range(n):
         pool.add(ip(i), weight=weights[i] if weights else 1)
-    return ClientTable(pool, make_strategy(strategy, pool, maglev_table_size=251),
+    return ClientTable(pool, make_strategy(strategy, pool, table_size=251),
                        **kwargs)  # type: ignore[arg-type]
 
 
@@ -286,7 +286,7 @@ class TableMachine(RuleBasedStateMachine):
         self.pool = Pool(VIP)
         for _ in range(n):
             self.add_backend(1, State.UP)
-        self.table = ClientTable(self.pool, make_strategy(name, self.pool, maglev_table_size=13),
+        self.table = ClientTable(self.pool, make_strategy(name, self.pool, table_size=13),
                                  idle_timeout=timeout, max_size=max_size)
         self.last_seen: dict[bytes, float] = {}
 

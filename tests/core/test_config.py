@@ -66,11 +66,12 @@ def test_minimal_ipv4_and_defaults() -> None:
     assert c.vip4 == IPv4Address("198.18.0.10")
     assert c.servers4 == (BackendSpec(IPv4Address("198.19.0.1"), 1, State.UP, 2),)
     assert c.vip6 is None and c.servers6 == ()
-    assert (c.strategy, c.maglev_table_size) == ("rr", 65537)
+    assert (c.strategy, c.hash_table_size) == ("rr", 65537)
     assert (c.port_alive, c.check_cycle, c.nfq_len, c.failover) == (80, 30.0, 4096, False)
     assert (c.first_core, c.last_core) == (0, 0)
     assert (c.client_timeout, c.client_table_max) == (300.0, 1_000_000)
-    assert (c.datapath, c.fail_open, c.gso) == ("conntrack", False, True)
+    assert (c.datapath, c.fail_open, c.gso) == ("conntrack", "hash", True)
+    assert c.hash_seed == 0x4C4F4144
     assert c.nameservers == () and c.warnings == ()
     assert c.families() == (4,)
 
@@ -300,8 +301,12 @@ def test_warnings_travel_with_errors() -> None:
     ("client_table_max=100000000", "client_table_max", 100_000_000),
     ("datapath=conntrack", "datapath", "conntrack"),
     ("datapath=perpacket", "datapath", "perpacket"),
-    ("fail_open=yes", "fail_open", True),
-    ("fail_open=off", "fail_open", False),
+    ("fail_open=yes", "fail_open", "yes"),
+    ("fail_open=off", "fail_open", "no"),
+    ("fail_open=HASH", "fail_open", "hash"),
+    ("hash_seed=0x1234abcd", "hash_seed", 0x1234ABCD),
+    ("hash_seed=4294967295", "hash_seed", 0xFFFFFFFF),
+    ("hash_seed=0", "hash_seed", 0),
     ("gso=no", "gso", False),
     ("gso=TRUE", "gso", True),
 ])
@@ -389,7 +394,10 @@ def test_failover_values(word: str, expected: bool) -> None:
     ("client_table_max=0", "client_table_max: '0' is out of range 1..100000000"),
     ("client_table_max=100000001", "client_table_max: '100000001' is out of range"),
     ("datapath=xdp", "datapath: 'xdp' is not a datapath (known: conntrack, perpacket)"),
-    ("fail_open=2", "fail_open: '2' is not yes or no"),
+    ("fail_open=2", "fail_open: '2' is not hash, yes or no"),
+    ("hash_seed=0x123456789", "hash_seed: '0x123456789' is not a 32-bit hex number"),
+    ("hash_seed=4294967296", "hash_seed: '4294967296' is out of range 0..4294967295"),
+    ("hash_seed=-1", "hash_seed: '-1' is not a whole number"),
     ("gso=", "gso: empty value"),
     ("VIP4net=24 weight=1", "VIP4net: takes no options, got 'weight=1'"),
 ])
@@ -603,9 +611,9 @@ def test_strategies_constant() -> None:
 
 
 @pytest.mark.parametrize("size", [7, 251, 65537, 1000003])
-def test_maglev_table_size(size: int) -> None:
+def test_hash_table_size(size: int) -> None:
     c = parse(V4 + f"strategy=maglev table_size={size}\n")
-    assert (c.strategy, c.maglev_table_size) == ("maglev", size)
+    assert (c.strategy, c.hash_table_size) == ("maglev", size)
 
 
 @pytest.mark.parametrize(("line", "message"), [
@@ -614,7 +622,7 @@ def test_maglev_table_size(size: int) -> None:
     ("strategy=maglev table_size=1000033", "out of range 7..1000003"),
     ("strategy=maglev table_size=big", "strategy: table_size: 'big' is not a whole number"),
     ("strategy=maglev seed=1", "strategy: unknown option 'seed=1' for maglev"),
-    ("strategy=rr table_size=7", "strategy: rr takes no option 'table_size=7' (only maglev"),
+    ("strategy=rr table_size=7", "strategy: rr takes no option 'table_size=7' (only sh and maglev"),
     ("strategy=lc foo=1", "strategy: lc takes no option 'foo=1'"),
 ])
 def test_strategy_option_errors(line: str, message: str) -> None:

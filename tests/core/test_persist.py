@@ -37,7 +37,7 @@ def engine(strategy: str = "rr", n: int = 3, now: float = 0.0, max_size: int = 1
         for i in range(n):
             pool.add(ipaddress.ip_address(f"198.19.0.{11 + i}" if vip.version == 4
                                           else f"2001:db8:2::{11 + i:x}"))
-        strat = make_strategy(strategy, pool, maglev_table_size=251)
+        strat = make_strategy(strategy, pool, table_size=251)
         services.append(Service(vip, pool, strat, ClientTable(pool, strat, idle_timeout=T,
                                                               max_size=max_size, now=now)))
     return Engine(services)

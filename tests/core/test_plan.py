@@ -127,7 +127,8 @@ def _rules(p: Plan, chain: str) -> list[list[dict[str, object]]]:
 
 
 def test_conntrack_path_nft_table() -> None:
-    p = plan("datapath=conntrack\n")
+    p = plan("datapath=conntrack\nfail_open=no\n")
+    assert p.hashing is None and not p.queue_bypass
     assert p.nft_table == "loaded_abc123"
     assert p.nft[0] == {"add": {"table": {"family": "inet", "name": "loaded_abc123"}}}
     chains = {cmd["add"]["chain"]["name"]: cmd["add"]["chain"] for cmd in p.nft
@@ -154,17 +155,96 @@ def test_conntrack_path_nft_table() -> None:
             if "map" in cmd.get("add", {})}
     assert maps["clients4"]["type"] == "ipv4_addr" and maps["clients4"]["map"] == "mark"
     assert maps["clients6"]["flags"] == ["timeout"] and maps["clients6"]["size"] == 1_000_000
-    # the recall rules, in nft's syntax (the map update has no JSON form)
+    # the recall rules, and the kernel learning every client from its mark at
+    # the head of steer (before the DNAT), in nft's syntax (the map update has
+    # no JSON form)
     assert p.nft_text == (
         "add rule inet loaded_abc123 recall ip daddr 198.18.1.100 ct state new ip saddr "
-        "@clients4 meta mark set ip saddr map @clients4 update @clients4 "
+        "@clients4 meta mark set ip saddr map @clients4",
+        "insert rule inet loaded_abc123 steer ip daddr 198.18.1.100 "
+        "meta mark & 0xffff8000 == 0x4c420000 update @clients4 "
         "{ ip saddr timeout 300s : meta mark }",
         "add rule inet loaded_abc123 recall ip6 daddr 2001:db8:1::100 ct state new ip6 saddr "
-        "@clients6 meta mark set ip6 saddr map @clients6 update @clients6 "
+        "@clients6 meta mark set ip6 saddr map @clients6",
+        "insert rule inet loaded_abc123 steer ip6 daddr 2001:db8:1::100 "
+        "meta mark & 0xffff8000 == 0x4c428000 update @clients6 "
         "{ ip6 saddr timeout 300s : meta mark }")
     # a recalled client's packet is not queued
     mangle = next(c for c in p.chains if c.table == "mangle" and c.family == 6)
     assert mangle.rules[0] == ("-m", "mark", "--mark", "0x4c428000/0xffff8000", "-j", "RETURN")
+
+
+_HASH4 = ("ip daddr 198.18.1.100 ct state new meta l4proto { tcp, udp } "
+          "meta mark & 0xffff8000 != 0x4c420000 counter name hashed "
+          "meta mark set jhash ip saddr mod 65537 seed 0x4c4f4144 "
+          "meta mark set meta mark map @hash4")
+
+
+def test_hash_strategies_let_the_kernel_decide() -> None:
+    for strategy in ("sh", "maglev"):
+        p = plan(f"datapath=conntrack\nstrategy={strategy}\n")
+        assert p.hashing is not None and p.hashing.decides and not p.hashing.fallback
+        assert p.hashing.strategy == strategy and p.hashing.size == 65537
+        # after the recall rule: a remembered client keeps its backend
+        rules = [r for r in p.nft_text if " recall " in r]
+        assert rules[0].endswith("meta mark set ip saddr map @clients4")
+        assert rules[2] == f"add rule inet loaded_abc123 recall {_HASH4}"
+        assert rules[3].startswith("add rule inet loaded_abc123 recall ip6 daddr "
+                                   "2001:db8:1::100 ct state new")
+        assert "jhash ip6 saddr mod 65537 seed 0x4c4f4144" in rules[3]
+        maps = {cmd["add"]["map"]["name"]: cmd["add"]["map"] for cmd in p.nft
+                if "map" in cmd.get("add", {})}
+        assert maps["hash4"]["type"] == "mark" and maps["hash4"]["map"] == "mark"
+        # the kernel decides TCP and UDP; what it cannot (ICMP) still reaches a
+        # worker, and a full queue lets it through (fail_open=hash)
+        assert p.queue_bypass
+
+
+def test_fail_open_hash_falls_back_to_the_kernels_table_after_the_queue() -> None:
+    p = plan("datapath=conntrack\nstrategy=wrr\nhash_seed=0x1234\n")
+    assert p.hashing is not None and p.hashing.fallback and not p.hashing.decides
+    assert p.hashing.strategy == "maglev" and p.hashing.seed == 0x1234
+    chains = {cmd["add"]["chain"]["name"]: cmd["add"]["chain"] for cmd in p.nft
+              if "chain" in cmd.get("add", {})}
+    # after the mangle chain that queues (-150), before NAT (-100)
+    assert (chains["fallback"]["hook"], chains["fallback"]["prio"]) == ("prerouting", -120)
+    fallback = [r for r in p.nft_text if " fallback " in r]
+    assert fallback[0] == "add rule inet loaded_abc123 fallback " + _HASH4.replace(
+        "0x4c4f4144", "0x1234")
+    assert p.queue_bypass
+    assert all("--queue-bypass" in r for c in p.chains if c.table == "mangle"
+               for r in c.rules if "NFQUEUE" in r)
+    # fail_open=no: nothing through, no table
+    p = plan("datapath=conntrack\nfail_open=no\n")
+    assert p.hashing is None and not p.queue_bypass
+    p = plan("datapath=conntrack\nfail_open=yes\n")
+    assert p.hashing is None and p.queue_bypass
+
+
+def test_per_packet_fallback_needs_a_hash_strategy() -> None:
+    p = plan("datapath=perpacket\n")  # rr: a flow's packets must not hash elsewhere
+    assert p.hashing is None and not p.queue_bypass and p.nft_text == ()
+    p = plan("datapath=perpacket\nstrategy=maglev table_size=251\n")
+    assert p.hashing is not None and p.hashing.fallback and p.hashing.size == 251
+    assert p.queue_bypass
+    # at the head of steer: not a fragment, no conntrack on this path
+    assert p.nft_text[0] == (
+        "insert rule inet loaded_abc123 steer ip daddr 198.18.1.100 ip frag-off & 0x3fff == 0 "
+        "meta l4proto { tcp, udp } meta mark & 0xffff8000 != 0x4c420000 counter name hashed "
+        "meta mark set jhash ip saddr mod 251 seed 0x4c4f4144 "
+        "meta mark set meta mark map @hash4")
+    assert "exthdr frag missing" in p.nft_text[1]
+
+
+def test_hash_buckets_change_only_where_the_table_changed() -> None:
+    from loaded.core.datapath import bucket_changes, nft_hash_buckets
+    assert bucket_changes([1, 2, 0], None) == ([], [(0, 1), (1, 2)])
+    assert bucket_changes([1, 3, 0, 2], [1, 2, 2, 0]) == ([1, 2], [(1, 3), (3, 2)])
+    assert bucket_changes([1, 2], [1, 2]) == ([], [])
+    cmds = nft_hash_buckets("t", 6, [5, 7, 0], [5, 5, 5])
+    assert cmds == ["delete element inet loaded_t hash6 { 1, 2 }",
+                    "add element inet loaded_t hash6 { 1 : 0x7 }"]
+    assert nft_hash_buckets("t", 4, [0, 0], None) == []
 
 
 def test_per_packet_plan_rewrites_in_the_kernel() -> None:

@@ -50,7 +50,7 @@ def make_engine(strategy: str, specs: Sequence[tuple[int, State]], now: float = 
     pool = Pool(VIP_IP)
     for i, (w, s) in enumerate(specs):
         pool.add(ipaddress.IPv4Address(bip(i)), w, s)
-    strat = make_strategy(strategy, pool, maglev_table_size=251)
+    strat = make_strategy(strategy, pool, table_size=251)
     table = ClientTable(pool, strat, idle_timeout=TIMEOUT, max_size=max_size, now=now)
     return Engine([Service(VIP_IP, pool, strat, table)])
 

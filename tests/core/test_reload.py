@@ -284,7 +284,7 @@ def test_settings_are_the_table_of_keys() -> None:
         assert not k.reload.backends
     assert BACKEND_FIELDS == ("servers4", "servers6")
     # The rows a row-per-key table needs most care for.
-    assert SETTINGS["maglev_table_size"][:2] == ("table_size", 0)
+    assert SETTINGS["hash_table_size"][:2] == ("table_size", 0)
     assert SETTINGS["private_gw4"][:2] == ("private_GW", 4)
     assert SETTINGS["private_gw6"][:2] == ("private_GW", 6)
     assert SETTINGS["vip6_prefix"][:2] == ("VIP6net", 6)

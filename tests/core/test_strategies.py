@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import os
 import random
 import subprocess
@@ -16,9 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loaded.core.hashing import stable_hash
+from loaded.core.hashing import jhash_bucket, stable_hash
 from loaded.core.pool import MAX_WEIGHT, Backend, Pool, State
 from loaded.core.strategies import (
+    DEFAULT_HASH_SEED,
     STRATEGIES,
     LeastClients,
     Maglev,
@@ -28,6 +30,7 @@ from loaded.core.strategies import (
     WeightedLeastClients,
     WeightedRoundRobin,
     apportion,
+    hash_table,
     is_prime,
     maglev_table,
     make_strategy,
@@ -58,7 +61,7 @@ def clients(n: int, seed: int = 1, v6: bool = False) -> list[bytes]:
 
 
 def build(name: str, pool: Pool) -> Strategy:
-    return make_strategy(name, pool, maglev_table_size=SMALL_PRIME)
+    return make_strategy(name, pool, table_size=SMALL_PRIME)
 
 
 def share(counter: Counter[Backend | None], pool: Pool) -> dict[int, float]:
@@ -87,7 +90,7 @@ def test_stable_hash_seed_range(seed: int) -> None:
 def test_stable_hash_same_in_another_process() -> None:
     samples = [b"", b"\x00", b"\x00\x00", bytes(range(16)), b"\xff" * 4]
     code = textwrap.dedent(f"""
-        from loaded.core.hashing import stable_hash
+        from loaded.core.hashing import jhash_bucket, stable_hash
         print([stable_hash(d, s) for d in {samples!r} for s in (0, 1, 99)])
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -119,7 +122,7 @@ def test_registry() -> None:
     assert {n for n, c in STRATEGIES.items() if c.resteers} == {"sh", "maglev"}
     with pytest.raises(ValueError, match="unknown strategy"):
         make_strategy("random", make_pool([1]))
-    assert make_strategy("maglev", make_pool([1]), maglev_table_size=251).table_size == 251  # type: ignore[attr-defined]
+    assert make_strategy("maglev", make_pool([1]), table_size=251).table_size == 251  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -546,11 +549,25 @@ def test_maglev_table_is_the_same_in_every_build_and_process(v6: bool) -> None:
             capture_output=True, text=True, check=True,
             env={**os.environ, "PYTHONHASHSEED": hashseed}).stdout.strip()
         assert out == d1
-    # And lookups through the strategy agree with the table.
+    # And lookups through the strategy agree with the table, at the kernel's
+    # bucket of each client (nft's jhash with the default seed).
     s = Maglev(first)
     table = maglev_table(first.eligible(), 65537)
     for c in clients(200, v6=v6):
-        assert s.choose(c) is table[stable_hash(c) % 65537]
+        assert s.choose(c) is table[jhash_bucket(c, DEFAULT_HASH_SEED, 65537)]
+    assert hash_table("maglev", first.eligible(), 65537) == table
+
+
+def test_sh_table_is_runs_by_weight_over_the_whole_size() -> None:
+    pool = make_pool([1, 2, 1], False)
+    table = hash_table("sh", pool.eligible(), 4099)
+    assert len(table) == 4099
+    runs = [(b, len(list(g))) for b, g in itertools.groupby(table)]
+    assert [b for b, _ in runs] == pool.eligible()
+    assert [n for _, n in runs] == apportion([1, 2, 1], 4099)
+    s = SourceHash(pool, 4099, seed=7)
+    for c in clients(100):
+        assert s.choose(c) is table[jhash_bucket(c, 7, 4099)]
 
 
 def test_rr_stagger_starts_workers_on_different_backends() -> None:

@@ -29,7 +29,7 @@ def worker(index: int, b1: tuple[int, int, int, int], b2: tuple[int, int, int, i
                 "state": state, "weight": 2, "mark": mark}
     return {"index": index, "queue": index, "pid": 100 + index, "packets": 9, "accepted": 9,
             "dropped": 0, "batches": 3, "overruns": 0, "truncated": 0, "verdict_errors": {},
-            "drops": {}, "refused": 0, "learned_dropped": 0, "cpu_seconds": 0.25,
+            "drops": {}, "refused": 0, "cpu_seconds": 0.25,
             "latency": {"buckets": [[1e-05, 4], [2.5e-05, 9]], "sum": 0.0001, "count": 9},
             "services": {VIP: {"clients": b1[0] + b2[0], "backends": {
                 "198.19.0.11": b(b1, 0x4C420000), "198.19.0.12": b(b2, 0x4C420001)}}},

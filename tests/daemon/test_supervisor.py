@@ -33,6 +33,7 @@ class FakeKernel:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.unresolved: list[Any] = []
+        self.hash_updates: list[list[str]] = []
 
     def map_backend(self, version: int, index: int, ip: Any) -> None:
         self.calls.append(("map", index, str(ip)))
@@ -49,8 +50,8 @@ class FakeKernel:
         self.calls.append(("unbalanced",))
         return 0
 
-    def remember_clients(self, entries: list[Any], timeout: int) -> None:
-        self.calls.append(("remember", [(str(ip), m) for ip, m in entries]))
+    def update_hash(self, commands: list[str]) -> None:
+        self.hash_updates.append(commands)
 
     def own_addresses(self) -> list[Any]:
         return [ipaddress.ip_address("198.19.0.1")]
@@ -164,11 +165,68 @@ def test_conntrack_path_forgets_what_each_change_calls_for(tmp_path: Path) -> No
     assert calls == []  # existing clients stay, in the kernel as in the workers
     sup.operator.backend({"action": "remove", "address": "198.19.0.13"})
     assert calls == [("clients", mark(2))]  # graceful: its connections stay
-    # decisions for a backend that is down or gone by now are not remembered
-    sup.sync.learn(((packed("198.18.0.7"), mark(0)), (packed("198.18.0.8"), mark(1)),
-                    (packed("198.18.0.9"), mark(2))))
-    sup.sync.remember(int(sup.config.client_timeout))
-    assert calls[-1] == ("remember", [("198.18.0.8", mark(1))])
+
+
+def _kernel_table(updates: list[list[str]], size: int) -> list[int]:
+    """The kernel's ``@hash4`` after the update transactions, bucket -> mark (0: none)."""
+    table = [0] * size
+    for commands in updates:
+        for c in commands:
+            body = c[c.index("{") + 1:c.rindex("}")]
+            for item in body.split(","):
+                if c.startswith("delete"):
+                    assert table[int(item)], "deleted a bucket that was empty"
+                    table[int(item)] = 0
+                else:
+                    bucket, m = item.split(":")
+                    assert not table[int(bucket)], "added over a bucket's element"
+                    table[int(bucket)] = int(m, 16)
+    return table
+
+
+def test_the_kernels_hash_table_follows_the_workers_pools(tmp_path: Path) -> None:
+    from loaded.core.strategies import hash_table
+    sup = supervisor(tmp_path, servers(11, 12, 13), extra="strategy=maglev table_size=251\n")
+    kernel: FakeKernel = sup.kernel  # type: ignore[assignment]
+    assert sup.plan.hashing is not None and sup.plan.hashing.decides
+    sup.sync.start()
+
+    def expected() -> list[int]:
+        pool = sup.sync.mirror.services[0].pool  # type: ignore[union-attr]
+        return [b.mark if b else 0 for b in hash_table("maglev", pool.eligible(), 251)]
+
+    assert _kernel_table(kernel.hash_updates, 251) == expected()
+    assert set(expected()) == {mark(0), mark(1), mark(2)}
+    before = list(expected())
+    n = len(kernel.hash_updates)
+    sup.operator.backend({"action": "disable", "address": "198.19.0.12"})
+    after = _kernel_table(kernel.hash_updates, 251)
+    assert mark(1) not in after and after == expected()
+    # consistent: the others' buckets nearly all stay theirs (Maglev moves a few)
+    kept = [a == b for a, b in zip(before, after, strict=True) if a != mark(1)]
+    assert sum(kept) > 0.9 * len(kept)
+    # one transaction, touching only the buckets that changed
+    assert len(kernel.hash_updates) == n + 1
+    changed = sum(1 for a, b in zip(before, after, strict=True) if a != b)
+    deleted = sum(len(c.split(",")) for c in kernel.hash_updates[-1] if c.startswith("delete"))
+    assert deleted == changed
+    # the hash table is loaded before the kernel forgets the backend's clients
+    assert kernel.calls[-2:] == [("connections", mark(1)), ("clients", mark(1))]
+    sup.operator.backend({"action": "add", "address": "198.19.0.14"})
+    assert _kernel_table(kernel.hash_updates, 251) == expected()
+    assert mark(3) in expected()
+    # every backend down: every bucket empty
+    for a in ("198.19.0.11", "198.19.0.13", "198.19.0.14"):
+        sup.operator.backend({"action": "disable", "address": a})
+    assert _kernel_table(kernel.hash_updates, 251) == [0] * 251
+
+
+def test_rr_gets_no_hash_table_without_fail_open_hash(tmp_path: Path) -> None:
+    sup = supervisor(tmp_path, servers(11, 12), extra="fail_open=no\n")
+    sup.sync.start()
+    sup.operator.backend({"action": "disable", "address": "198.19.0.12"})
+    assert sup.sync.mirror is None
+    assert sup.kernel.hash_updates == []  # type: ignore[attr-defined]
 
 
 def test_delayed_flush_skips_a_backend_enabled_again(tmp_path: Path) -> None:

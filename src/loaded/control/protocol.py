@@ -53,7 +53,7 @@ Commands
                   "accepted": int, "dropped": int, "batches": int,
                   "overruns": int, "truncated": int,
                   "verdict_errors": {errno: int}, "refused": int,
-                  "learned_dropped": int, "cpu_seconds": float,
+                  "cpu_seconds": float,
                   "latency": {"buckets": [[bound, int]], "sum": float,
                               "count": int}}],
      "kernel_queues": {"<queue>": {"portid": int, "waiting": int, "copy_mode": int,

@@ -46,7 +46,6 @@ to worker   preview lookup   a question (``Query``), answered by one
             restore
 to super.   report           the worker's counters and pools (``Report``)
 to super.   reply            ``Reply``: ``result`` or ``error``
-to super.   learned          ``Learned``: clients decided (conntrack path)
 ==========  ===============  ==============================================
 
 - One message per line: UTF-8 JSON, an object with a string ``type``.
@@ -61,7 +60,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from loaded.core.pool import MAX_INDEX, MAX_WEIGHT, IPAddress, State
@@ -71,7 +70,6 @@ __all__ = [
     "AddBackend",
     "ClientsQuery",
     "DumpQuery",
-    "Learned",
     "LookupQuery",
     "Message",
     "MessageError",
@@ -270,16 +268,7 @@ class Reply:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Learned:
-    """Clients a worker decided for, (packed client address, backend mark): what
-    the kernel should remember (the conntrack path's client maps)."""
-
-    type: ClassVar[str] = "learned"
-    clients: tuple[tuple[bytes, int], ...] = field(default=())
-
-
-Message = PoolCommand | Query | Report | Reply | Learned
+Message = PoolCommand | Query | Report | Reply
 
 
 # --- the wire --------------------------------------------------------------------
@@ -433,25 +422,9 @@ def _reply(obj: Mapping[str, Any]) -> Message:
                  _get(obj, "error", str, None))
 
 
-def _learned(obj: Mapping[str, Any]) -> Message:
-    out: list[tuple[bytes, int]] = []
-    for entry in _get(obj, "clients", list):
-        if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str)
-                or isinstance(entry[1], bool) or not isinstance(entry[1], int)):
-            raise MessageError("a learned client must be [hex address, mark]")
-        try:
-            client = bytes.fromhex(entry[0])
-        except ValueError:
-            raise MessageError(f"{entry[0]!r} is not a packed address in hex") from None
-        if len(client) not in (4, 16):
-            raise MessageError(f"{entry[0]!r} is not a packed address in hex")
-        out.append((client, entry[1]))
-    return Learned(tuple(out))
-
-
 _READERS: dict[str, Callable[[Mapping[str, Any]], Message]] = {
     "preview": _preview, "lookup": _lookup, "clients": _clients, "dump": _dump,
-    "restore": _restore, "report": _report, "reply": _reply, "learned": _learned,
+    "restore": _restore, "report": _report, "reply": _reply,
 }
 
 

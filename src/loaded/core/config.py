@@ -110,8 +110,8 @@ from typing import Any
 from loaded.core.datapath import DATAPATHS as _DATAPATH_OBJECTS
 from loaded.core.errors import ConfigError, Problem
 from loaded.core.pool import MAX_WEIGHT, IPAddress, State
+from loaded.core.strategies import DEFAULT_HASH_SEED, HASH_STRATEGIES, is_prime
 from loaded.core.strategies import STRATEGIES as _STRATEGY_CLASSES
-from loaded.core.strategies import is_prime
 
 __all__ = [
     "CHECKS",
@@ -199,7 +199,7 @@ class Config:
     servers4: tuple[BackendSpec, ...] = ()
     servers6: tuple[BackendSpec, ...] = ()
     strategy: str = "rr"
-    maglev_table_size: int = MAGLEV_DEFAULT_TABLE
+    hash_table_size: int = MAGLEV_DEFAULT_TABLE
     broadcast: IPv4Address | None = None
     port_alive: int = 80
     check_cycle: float = 30.0
@@ -217,7 +217,8 @@ class Config:
     client_timeout: float = 300.0
     client_table_max: int = 1_000_000
     datapath: str = "conntrack"
-    fail_open: bool = False
+    fail_open: str = "hash"  # no | yes | hash
+    hash_seed: int = DEFAULT_HASH_SEED
     gso: bool = True
     control_socket: str | None = None
     control_group: str | None = None
@@ -412,6 +413,29 @@ def _seconds(value: str, lo: float, hi: float, lo_inclusive: bool = True) -> flo
         low = f"{lo:g} <= s" if lo_inclusive else f"{lo:g} < s"
         raise _Bad(f"{_q(value)} is out of range {low} <= {hi:g}")
     return s
+
+
+FAIL_OPEN = ("hash", "no", "yes")
+_HEX = re.compile(r"0[xX][0-9a-fA-F]{1,8}")
+
+
+def _seed(value: str) -> int:
+    """A 32-bit number, decimal or ``0x`` hex."""
+    if _HEX.fullmatch(value):
+        return int(value, 16)
+    if value[:2] in ("0x", "0X"):
+        raise _Bad(f"{_q(value)} is not a 32-bit hex number")
+    return _int(value, 0, 0xFFFFFFFF)
+
+
+def _fail_open(value: str) -> str:
+    v = value.lower()
+    if v == "hash":
+        return v
+    try:
+        return "yes" if _bool(value) else "no"
+    except _Bad:
+        raise _Bad(f"{_q(value)} is not hash, yes or no") from None
 
 
 def _bool(value: str) -> bool:
@@ -742,10 +766,11 @@ KEY_TABLE: tuple[Key, ...] = (
         f"default the global ``check``)", family=4),
     Key("server6", "servers6", None, MANY, _POOLS, _ORIGINAL,
         "an IPv6 backend; same options", family=6),
-    Key("strategy", (Field("strategy"), Field("maglev_table_size", spelled="table_size")),
+    Key("strategy", (Field("strategy"), Field("hash_table_size", spelled="table_size")),
         None, ONCE, _TABLE_SETUP, _ORIGINAL,
         f"``rr`` (default), ``weighted``, ``wrr``, ``lc``, ``sh``, ``maglev``. Option, "
-        f"maglev only: ``table_size``, a prime in {MAGLEV_MIN_TABLE}..{MAGLEV_MAX_TABLE} "
+        f"sh and maglev only: ``table_size``, the buckets of the hash table (the "
+        f"kernel's too), a prime in {MAGLEV_MIN_TABLE}..{MAGLEV_MAX_TABLE} "
         f"(default {MAGLEV_DEFAULT_TABLE})"),
     Key("broadcast", "broadcast", _broadcast, ONCE, _HEALTH_SETUP, _ORIGINAL,
         "IPv4 address failover pings to discover hosts (default: the broadcast "
@@ -791,9 +816,18 @@ KEY_TABLE: tuple[Key, ...] = (
         "size of the kernel's client map"),
     Key("datapath", "datapath", _Choice(DATAPATHS, "datapath"), ONCE, _PATH_SETUP, _NEW,
         "``conntrack`` (default) or ``perpacket`` (see the README)"),
-    Key("fail_open", "fail_open", _bool, ONCE, _QUEUE_SETUP, _NEW,
-        "``yes|no`` (no): whether the kernel lets packets through unbalanced when the "
-        "daemon is dead or a queue is full"),
+    Key("fail_open", "fail_open", _fail_open, ONCE, _QUEUE_SETUP, _NEW,
+        "what the kernel does with a new client when a queue is full or no worker "
+        "reads it: ``hash`` (default: the kernel's hash table picks its backend, "
+        "as ``maglev`` would), ``no`` (drop), ``yes`` (let it through unbalanced, "
+        "to the balancer's own stack); on the per-packet path ``hash`` needs "
+        "``strategy=sh`` or ``maglev`` and is ``no`` otherwise (every packet of a "
+        "flow would have to hash alike)"),
+    Key("hash_seed", "hash_seed", _seed, ONCE, _TABLE_SETUP, _NEW,
+        f"the seed of the kernel's ``jhash`` of a client's address (sh, maglev and "
+        f"the ``fail_open=hash`` table), 0..4294967295, decimal or 0x hex (default "
+        f"{DEFAULT_HASH_SEED}, that is {DEFAULT_HASH_SEED:#x}); the same on every node "
+        f"that shares a VIP"),
     Key("gso", "gso", _bool, ONCE, _QUEUE_SETUP, _NEW,
         "``yes|no`` (yes): take GSO super-packets from the queue"),
     Key("check", "check", _Choice(CHECKS, "check"), ONCE, _HEALTH_SETUP, _HEALTH,
@@ -1096,15 +1130,15 @@ class _Parser:
     def _strategy(self, ln: _Line) -> None:
         strategy = _choice(ln.value, STRATEGIES, "strategy")
         self.set("strategy", strategy)
-        if strategy != "maglev":
+        if strategy not in HASH_STRATEGIES:
             for name, val in ln.options:
-                extra = " (only maglev has one)" if name == "table_size" else ""
+                extra = " (only sh and maglev have one)" if name == "table_size" else ""
                 self.error(ln.no, f"strategy: {strategy} takes no option "
                                   f"'{name}={val}'{extra}")
             return
         for name, val in ln.options:
             if name != "table_size":
-                self.error(ln.no, f"strategy: unknown option '{name}={val}' for maglev "
+                self.error(ln.no, f"strategy: unknown option '{name}={val}' for {strategy} "
                                   f"(known: table_size)")
                 continue
             try:
@@ -1114,7 +1148,7 @@ class _Parser:
             except _Bad as e:
                 self.error(ln.no, f"strategy: table_size: {e}")
             else:
-                self.set("maglev_table_size", size)
+                self.set("hash_table_size", size)
 
     def _ns(self, ln: _Line) -> None:
         self._no_options(ln)

@@ -53,6 +53,7 @@ from loaded.core.firewall import (
     to_workers,
 )
 from loaded.core.pool import CT_FAMILY_MASK, CT_MARK_BASE, State, ct_mark
+from loaded.core.strategies import HASH_STRATEGIES
 
 PacketHandler = Callable[[memoryview, bool], int]  # (payload, partial) -> verdict
 Counters = Mapping[int, tuple[int, int]]  # mark -> (packets, bytes)
@@ -94,15 +95,45 @@ class KernelView:
     stats: Mapping[str, Any] = field(default_factory=dict)  # extra keys of the stats file
 
 
+@dataclass(frozen=True)
+class KernelHash:
+    """The kernel's hash table (``@hash4``/``@hash6``: bucket -> backend mark, looked
+    up by ``jhash`` of the client's address) and who decides with it.
+
+    ``decides``: the kernel picks every new TCP or UDP client's backend with it
+    (``sh``, ``maglev`` on the conntrack path): no worker sees them. ``fallback``:
+    only the new clients that no worker took (a full queue, no worker bound:
+    ``fail_open=hash``). The daemon keeps the buckets equal to the table the
+    workers build (``loaded.core.strategies.hash_table``)."""
+
+    strategy: str
+    size: int
+    seed: int
+    decides: bool = False
+    fallback: bool = False
+
+
 class DataPath(ABC):
     name: ClassVar[str]
-    # The kernel keeps clients the workers decided for (``remember_clients``).
+    # The kernel remembers the clients it sends to a backend (its client maps).
     remembers_clients: ClassVar[bool] = False
     # Only a connection's first packet reaches a worker (the rest is conntrack's).
     first_packets_only: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<datapath {self.name}>"
+
+    def kernel_hash(self, strategy: str, fail_open: str, size: int, seed: int
+                    ) -> KernelHash | None:
+        """The kernel's hash table on this path, or None when it needs none."""
+        return None
+
+    def queue_bypass(self, fail_open: str, hashing: KernelHash | None) -> bool:
+        """Whether a full queue, or one no worker reads, lets packets through
+        (``--queue-bypass`` and the queue's fail-open flag): always with
+        ``fail_open=yes``; with ``hash`` when the kernel has a table to take
+        them, else ``hash`` is as ``no``."""
+        return fail_open == "yes" or (fail_open == "hash" and hashing is not None)
 
     @abstractmethod
     def chains(self, family: int, tag: str, vip: IPAddress, rip: IPNetwork,
@@ -113,8 +144,10 @@ class DataPath(ABC):
     @abstractmethod
     def nft(self, tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNetwork],
             nameservers: tuple[IPAddress, ...], backends: Backends, max_clients: int,
-            client_timeout: int) -> tuple[tuple[dict[str, Any], ...], tuple[str, ...]]:
-        """The nftables table: JSON API commands, then rules in nft's own syntax."""
+            client_timeout: int, hashing: KernelHash | None = None
+            ) -> tuple[tuple[dict[str, Any], ...], tuple[str, ...]]:
+        """The nftables table: JSON API commands, then rules in nft's own syntax
+        (the hash table's buckets are loaded at run time: ``nft_hash_buckets``)."""
 
     @abstractmethod
     def backend_target(self, tag: str, version: int, index: int, ip: IPAddress
@@ -165,10 +198,27 @@ class PerPacket(DataPath):
                   tuple(out_rules)),
         ]
 
+    def kernel_hash(self, strategy: str, fail_open: str, size: int, seed: int
+                    ) -> KernelHash | None:
+        # Every packet of a flow is decided alone here: a packet that bypasses a
+        # full queue may take the kernel's table only when the workers' choice
+        # is that same table (a hash strategy); otherwise it would land a flow's
+        # packets on two backends.
+        if fail_open == "hash" and strategy in HASH_STRATEGIES:
+            return KernelHash(strategy, size, seed, fallback=True)
+        return None
+
     def nft(self, tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNetwork],
             nameservers: tuple[IPAddress, ...], backends: Backends, max_clients: int,
-            client_timeout: int) -> tuple[tuple[dict[str, Any], ...], tuple[str, ...]]:
-        return nft_perpacket_ruleset(tag, vips, rips, nameservers, backends), ()
+            client_timeout: int, hashing: KernelHash | None = None
+            ) -> tuple[tuple[dict[str, Any], ...], tuple[str, ...]]:
+        cmds = nft_perpacket_ruleset(tag, vips, rips, nameservers, backends)
+        if hashing is None:
+            return cmds, ()
+        # Before the steer rule (``insert``): the mark it sets is steered at once.
+        return (cmds + nft_hash_maps(tag),
+                tuple(f"insert rule inet {nft_table_name(tag)} steer "
+                      f"{rule}" for rule in hash_rules(vips, hashing, new_only=False)))
 
     def backend_target(self, tag: str, version: int, index: int, ip: IPAddress
                        ) -> list[dict[str, Any]]:
@@ -199,11 +249,38 @@ class Conntrack(DataPath):
                       ("-d", str(vip), "-m", "conntrack", "--ctstate", "NEW"),
                       (recalled, *to_workers(family, tag, queues, fail_open)))]
 
+    def kernel_hash(self, strategy: str, fail_open: str, size: int, seed: int
+                    ) -> KernelHash | None:
+        if strategy in HASH_STRATEGIES:
+            return KernelHash(strategy, size, seed, decides=True)
+        if fail_open == "hash":
+            # rr, wrr, lc, weighted stay the workers'; the kernel's Maglev table
+            # only catches what they cannot take, and the kernel remembers the
+            # client's backend as it does theirs.
+            return KernelHash("maglev", size, seed, fallback=True)
+        return None
+
     def nft(self, tag: str, vips: dict[int, IPAddress], rips: dict[int, IPNetwork],
             nameservers: tuple[IPAddress, ...], backends: Backends, max_clients: int,
-            client_timeout: int) -> tuple[tuple[dict[str, Any], ...], tuple[str, ...]]:
-        return (nft_ruleset(tag, vips, backends, max_clients),
-                nft_recall(tag, vips, client_timeout))
+            client_timeout: int, hashing: KernelHash | None = None
+            ) -> tuple[tuple[dict[str, Any], ...], tuple[str, ...]]:
+        cmds = nft_ruleset(tag, vips, backends, max_clients)
+        text = nft_recall(tag, vips, client_timeout)
+        if hashing is None:
+            return cmds, text
+        name = nft_table_name(tag)
+        rules = hash_rules(vips, hashing, new_only=True)
+        if hashing.decides:
+            # After the recall rule: a client the kernel remembers keeps its backend.
+            text += tuple(f"add rule inet {name} recall {r}" for r in rules)
+            return cmds + nft_hash_maps(tag), text
+        # After the mangle chain (-150) that queues, before NAT (-100): what the
+        # queue let through without a worker's mark.
+        chain = {"add": {"chain": {"family": "inet", "table": name, "name": "fallback",
+                                   "type": "filter", "hook": "prerouting", "prio": -120,
+                                   "policy": "accept"}}}
+        text += tuple(f"add rule inet {name} fallback {r}" for r in rules)
+        return cmds + nft_hash_maps(tag) + (chain,), text
 
     def backend_target(self, tag: str, version: int, index: int, ip: IPAddress
                        ) -> list[dict[str, Any]]:
@@ -265,16 +342,88 @@ def nft_backend(tag: str, version: int, index: int, ip: IPAddress) -> list[dict[
 
 
 def nft_recall(tag: str, vips: dict[int, IPAddress], timeout: int) -> tuple[str, ...]:
-    """The ``recall`` rules: a new connection from a client the workers have
-    decided for gets that client's backend mark in the kernel, and refreshes it."""
+    """The kernel's client memory. ``recall``: a new connection from a client in
+    ``@clients4``/``@clients6`` gets that client's backend mark. ``steer`` (its
+    first rule, before the DNAT): every new connection with a backend's mark,
+    whoever chose it (a worker's verdict, the recall, the hash table), adds its
+    client or restarts its timeout, so the daemon writes no client itself. The
+    update is a rule of its own: when the map is full (``client_table_max``) the
+    client is not remembered, but its connection still goes through."""
     out = []
+    name = nft_table_name(tag)
     for version, vip in sorted(vips.items()):
         ip = IP[version]
         m = f"@clients{version}"
-        out.append(f"add rule inet {nft_table_name(tag)} recall {ip} daddr {vip} ct state new "
-                   f"{ip} saddr {m} meta mark set {ip} saddr map {m} "
+        out.append(f"add rule inet {name} recall {ip} daddr {vip} ct state new "
+                   f"{ip} saddr {m} meta mark set {ip} saddr map {m}")
+        out.append(f"insert rule inet {name} steer {ip} daddr {vip} "
+                   f"meta mark & {CT_FAMILY_MASK:#x} == {ct_mark(version, 0):#x} "
                    f"update {m} {{ {ip} saddr timeout {timeout}s : meta mark }}")
     return tuple(out)
+
+
+def nft_hash_maps(tag: str) -> tuple[dict[str, Any], ...]:
+    t = {"family": "inet", "table": nft_table_name(tag)}
+    return tuple(
+        [{"add": {"counter": {**t, "name": "hashed"}}}]
+        + [{"add": {"map": {**t, "name": f"hash{v}", "type": "mark", "map": "mark"}}}
+           for v in (4, 6)])
+
+
+def hash_rules(vips: dict[int, IPAddress], hashing: KernelHash, new_only: bool
+               ) -> list[str]:
+    """The rules that give a new TCP or UDP client (``new_only``: a connection
+    conntrack calls new; else any packet, not a fragment) to a VIP without a
+    backend's mark the backend of its bucket: ``jhash`` of its address, with the
+    explicit seed (without one, nft draws a random seed per rule and two nodes,
+    or two runs, would disagree), then the bucket's mark from ``@hash4``/``6``.
+    An empty bucket (nobody eligible) fails the lookup and leaves the bucket
+    number as the mark, which names no backend: the packet stays addressed to
+    the VIP, as a worker's "no backend" leaves it."""
+    out = []
+    for version, vip in sorted(vips.items()):
+        ip = IP[version]
+        state = "ct state new " if new_only else (
+            "ip frag-off & 0x3fff == 0 " if version == 4 else "exthdr frag missing ")
+        out.append(f"{ip} daddr {vip} {state}meta l4proto {{ tcp, udp }} "
+                   f"meta mark & {CT_FAMILY_MASK:#x} != {ct_mark(version, 0):#x} "
+                   f"counter name hashed "
+                   f"meta mark set jhash {ip} saddr mod {hashing.size} seed {hashing.seed:#x} "
+                   f"meta mark set meta mark map @hash{version}")
+    return out
+
+
+def nft_hash_buckets(tag: str, version: int, table: list[int], old: list[int] | None
+                     ) -> list[str]:
+    """The commands (one transaction) that turn the kernel's ``@hash<version>``
+    from ``old`` (None: empty) into ``table`` (bucket -> backend mark, 0: empty),
+    touching only the buckets that changed: an element is deleted and added
+    again to change its value (nft refuses to overwrite a map's element)."""
+    name = f"inet {nft_table_name(tag)} hash{version}"
+    gone, added = bucket_changes(table, old)
+    out = []
+    for chunk in _chunks(gone):
+        out.append(f"delete element {name} {{ {', '.join(map(str, chunk))} }}")
+    for chunk in _chunks(added):
+        out.append(f"add element {name} {{ "
+                   f"{', '.join(f'{b} : {m:#x}' for b, m in chunk)} }}")
+    return out
+
+
+def bucket_changes(table: list[int], old: list[int] | None
+                   ) -> tuple[list[int], list[tuple[int, int]]]:
+    """(buckets to delete, (bucket, mark) to add) from ``old`` to ``table``."""
+    if old is None or len(old) != len(table):
+        return [], [(b, m) for b, m in enumerate(table) if m]
+    gone = [b for b, (m, was) in enumerate(zip(table, old, strict=True)) if was and m != was]
+    added = [(b, m) for b, (m, was) in enumerate(zip(table, old, strict=True))
+             if m and m != was]
+    return gone, added
+
+
+def _chunks(items: list[Any], size: int = 8192) -> list[list[Any]]:
+    # nft parses a long element list in one go; chunks keep each line moderate.
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def nft_ruleset(tag: str, vips: dict[int, IPAddress], backends: Backends,

@@ -534,8 +534,8 @@ def build_engine(config: Config, now: float, families: Iterable[int] | None = No
         for spec in specs:
             pool.add(spec.ip, spec.weight, spec.state,
                      None if indexes is None else indexes.get((str(vip), str(spec.ip))))
-        strategy = make_strategy(config.strategy, pool,
-                                 maglev_table_size=config.maglev_table_size)
+        strategy = make_strategy(config.strategy, pool, table_size=config.hash_table_size,
+                                 hash_seed=config.hash_seed)
         strategy.stagger(worker)
         table = ClientTable(pool, strategy, idle_timeout=config.client_timeout,
                             max_size=table_share(config.client_table_max, workers),

@@ -40,3 +40,69 @@ def stable_hash(data: bytes, seed: int = 0) -> int:
     # An all-zero salt is BLAKE2b's default, so skipping the argument is the same
     # function as seed 0 and saves building it on the hot path.
     return _from_bytes(_blake2b(data, digest_size=8).digest(), "little")
+
+
+# --- the kernel's jhash ------------------------------------------------------------
+#
+# nftables' ``jhash EXPR mod N seed S`` (net/netfilter/nft_hash.c) is
+# ``reciprocal_scale(jhash(key, len, S), N)``: Bob Jenkins' lookup3 as
+# include/linux/jhash.h has it, over the expression's bytes as they sit in the
+# register (an address in network order), read as native 32-bit words (the
+# kernel's ``__get_unaligned_cpu32``: little-endian on every machine we run on),
+# then scaled to 0..N-1 by a multiply and shift rather than a modulo. User space
+# must reproduce it bit for bit wherever it predicts the kernel's choice: a
+# client's bucket is the same whether the kernel or a worker picks it.
+
+_M32 = 0xFFFFFFFF
+JHASH_INITVAL = 0xDEADBEEF
+
+
+def _rol(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _M32
+
+
+def jhash(key: bytes, seed: int) -> int:
+    """The Linux kernel's ``jhash(key, len(key), seed)`` (32 bits)."""
+    length = len(key)
+    a = b = c = (JHASH_INITVAL + length + seed) & _M32
+    off = 0
+    while length > 12:
+        a = (a + int.from_bytes(key[off:off + 4], "little")) & _M32
+        b = (b + int.from_bytes(key[off + 4:off + 8], "little")) & _M32
+        c = (c + int.from_bytes(key[off + 8:off + 12], "little")) & _M32
+        # __jhash_mix
+        a = ((a - c) & _M32) ^ _rol(c, 4)
+        c = (c + b) & _M32
+        b = ((b - a) & _M32) ^ _rol(a, 6)
+        a = (a + c) & _M32
+        c = ((c - b) & _M32) ^ _rol(b, 8)
+        b = (b + a) & _M32
+        a = ((a - c) & _M32) ^ _rol(c, 16)
+        c = (c + b) & _M32
+        b = ((b - a) & _M32) ^ _rol(a, 19)
+        a = (a + c) & _M32
+        c = ((c - b) & _M32) ^ _rol(b, 4)
+        b = (b + a) & _M32
+        length -= 12
+        off += 12
+    if length == 0:
+        return c
+    # The tail: up to 12 bytes added byte by byte, little-endian within each word.
+    tail = key[off:] + bytes(12 - length)
+    a = (a + int.from_bytes(tail[0:4], "little")) & _M32
+    b = (b + int.from_bytes(tail[4:8], "little")) & _M32
+    c = (c + int.from_bytes(tail[8:12], "little")) & _M32
+    # __jhash_final
+    c = (c ^ b) - _rol(b, 14) & _M32
+    a = (a ^ c) - _rol(c, 11) & _M32
+    b = (b ^ a) - _rol(a, 25) & _M32
+    c = (c ^ b) - _rol(b, 16) & _M32
+    a = (a ^ c) - _rol(c, 4) & _M32
+    b = (b ^ a) - _rol(a, 14) & _M32
+    c = (c ^ b) - _rol(b, 24) & _M32
+    return c
+
+
+def jhash_bucket(key: bytes, seed: int, buckets: int) -> int:
+    """nftables' ``jhash KEY mod BUCKETS seed SEED``: 0 <= result < buckets."""
+    return (jhash(key, seed) * buckets) >> 32

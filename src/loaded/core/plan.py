@@ -56,12 +56,16 @@ Rules of the plan:
                                   (counter ``invalid``) and drop
   recall   prerouting, -170       a new connection to a VIP from a client in
                                   ``@clients4``/``@clients6`` (client -> mark,
-                                  filled from the workers' decisions, idle
-                                  timeout ``client_timeout``): that mark, and
-                                  the entry's timeout restarts
-  steer    prerouting, dstnat     to a VIP with a backend's mark: copy the mark
-                                  to the connection, DNAT to ``@backends4`` /
-                                  ``@backends6`` (maps mark -> address)
+                                  idle timeout ``client_timeout``, at most
+                                  ``client_table_max``): that mark; (sh,
+                                  maglev) else its hash bucket's mark
+  fallback prerouting, -120       (``fail_open=hash``, other strategies) a new
+                                  connection the queue let through without a
+                                  backend's mark: its hash bucket's mark
+  steer    prerouting, dstnat     to a VIP with a backend's mark: the client
+                                  added to (or refreshed in) the client map;
+                                  copy the mark to the connection, DNAT to
+                                  ``@backends4``/``@backends6`` (mark -> address)
   tally    forward, 0             connections with a backend's mark: count
                                   packets and bytes, both ways, in the
                                   backend's counter (map ``@counters``)
@@ -79,10 +83,24 @@ Rules of the plan:
   balancer's own stack refuses it. Backends added later are added to the maps
   at run time; the connection mark lets the daemon delete a backend's
   connections (``on_backend_down=cut``) with one conntrack flush by mark.
-- Fail-open (``fail_open=yes``): the queue rules carry ``--queue-bypass`` (no
-  daemon: packets pass unbalanced, to the balancer's own stack, which refuses
-  them at once) and queues are bound with the fail-open flag (a full queue
-  accepts). Fail-closed (default): such packets are dropped.
+- The kernel's hash table (``loaded.core.datapath.KernelHash``): with
+  ``strategy=sh`` or ``maglev`` on the conntrack path, a rule in ``recall``,
+  after the recall rule, gives every other new TCP or UDP connection to a VIP
+  the mark of its bucket (``jhash`` of the client's address with the
+  configured seed, bucket -> mark in ``@hash4``/``@hash6``, which the daemon
+  keeps equal to the workers' table): the kernel decides and no worker sees
+  the client. With ``fail_open=hash`` (the default) and any other strategy,
+  the same rule in a chain ``fallback`` (prerouting, -120, after the queue)
+  catches only what the queue let through without a worker's mark; on the
+  per-packet path it sits at the head of ``steer`` and needs a hash strategy.
+  Every new connection with a backend's mark passes ``steer``'s first rule,
+  which adds its client to the client map or refreshes it: the kernel learns
+  every client itself.
+- Fail-open: the queue rules carry ``--queue-bypass`` (no worker bound) and
+  queues are bound with the fail-open flag (a full queue accepts) with
+  ``fail_open=yes`` (packets pass unbalanced, to the balancer's own stack,
+  which refuses them at once) and with ``fail_open=hash`` when the kernel has
+  a hash table (they take it). ``fail_open=no``: such packets are dropped.
 """
 
 from __future__ import annotations
@@ -93,7 +111,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaded.core.config import Config
-from loaded.core.datapath import DataPath, datapath
+from loaded.core.datapath import DataPath, KernelHash, datapath
 from loaded.core.engine import backend_indexes
 from loaded.core.firewall import Chain, IPAddress, IPNetwork, dns_masquerade, nft_table_name
 
@@ -141,6 +159,10 @@ class Plan:
     # ``update`` statement), in nft's own syntax, through the same library.
     nft: tuple[dict[str, Any], ...] = ()
     nft_text: tuple[str, ...] = ()
+    # The kernel's hash table (the data path's ``kernel_hash``), None without one.
+    hashing: KernelHash | None = None
+    # Whether a full queue, or one nobody reads, lets packets through.
+    queue_bypass: bool = False
 
     @property
     def nft_table(self) -> str:
@@ -184,6 +206,9 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
     neighbours: list[Neighbour] = []
     chains: list[Chain] = []
     path = datapath(config.datapath)
+    hashing = path.kernel_hash(config.strategy, config.fail_open, config.hash_table_size,
+                               config.hash_seed)
+    bypass = path.queue_bypass(config.fail_open, hashing)
     vips: dict[int, IPAddress] = {}
     rips: dict[int, IPNetwork] = {}
     initial: list[tuple[int, int, IPAddress]] = []  # (family, index, address)
@@ -204,17 +229,17 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
         sysctls.extend(_sysctls(family, pub, priv))
         neighbours.extend(Neighbour(priv, s.ip) for s in specs)
         nameservers = [ns for ns in config.nameservers if ns.version == family]
-        chains.extend(path.chains(family, tag, vip, rip, nameservers, queues, config.fail_open))
+        chains.extend(path.chains(family, tag, vip, rip, nameservers, queues, bypass))
         chains.extend(dns_masquerade(family, tag, rip, nameservers, pub))
         vips[family] = vip
         rips[family] = rip
         indexes = backend_indexes(config, (family,))
         initial.extend((family, indexes[(str(vip), str(s.ip))], s.ip) for s in specs)
     nft, nft_text = path.nft(tag, vips, rips, config.nameservers, initial,
-                             config.client_table_max, int(config.client_timeout))
+                             config.client_table_max, int(config.client_timeout), hashing)
     return Plan(tag, families, queues, cores, tuple(addresses), tuple(routes),
                 tuple(dict.fromkeys(sysctls)), tuple(neighbours), tuple(chains),
-                path, nft, nft_text)
+                path, nft, nft_text, hashing, bypass)
 
 
 def _sysctls(family: int, pub: str, priv: str) -> list[Sysctl]:

@@ -48,7 +48,7 @@ from loaded.core.clients import ClientTable
 from loaded.core.commands import PoolCommand
 from loaded.core.engine import Engine, Service
 from loaded.core.pool import Backend, IPAddress
-from loaded.core.strategies import Maglev, make_strategy
+from loaded.core.strategies import HashStrategy, make_strategy
 
 __all__ = [
     "Move",
@@ -97,8 +97,9 @@ class Preview:
 def _scratch(svc: Service, command: PoolCommand, now: float) -> Service:
     """A copy of ``svc``'s pool and strategy (no clients) with ``command`` applied."""
     pool = copy.deepcopy(svc.pool)
-    size = svc.strategy.table_size if isinstance(svc.strategy, Maglev) else 65537
-    strategy = make_strategy(svc.strategy.name, pool, maglev_table_size=size)
+    old = svc.strategy
+    strategy = (make_strategy(old.name, pool, table_size=old.table_size, hash_seed=old.seed)
+                if isinstance(old, HashStrategy) else make_strategy(old.name, pool))
     table = ClientTable(pool, strategy, idle_timeout=svc.table.idle_timeout,
                         max_size=svc.table.max_size, now=now)
     scratch = Service(svc.vip, pool, strategy, table, svc.real_net)

@@ -280,7 +280,6 @@ class WorkerReport:
     truncated: int
     verdict_errors: Mapping[str, int]  # by errno
     refused: int
-    learned_dropped: int
     cpu_seconds: float
     latency: Latency
 
@@ -288,7 +287,7 @@ class WorkerReport:
         return {"pid": self.pid, "packets": self.packets, "accepted": self.accepted,
                 "dropped": self.dropped, "batches": self.batches, "overruns": self.overruns,
                 "truncated": self.truncated, "verdict_errors": dict(self.verdict_errors),
-                "refused": self.refused, "learned_dropped": self.learned_dropped,
+                "refused": self.refused,
                 "cpu_seconds": self.cpu_seconds, "latency": self.latency.to_json()}
 
     @classmethod
@@ -304,7 +303,6 @@ class WorkerReport:
                    dropped=r.integer("dropped"), batches=r.integer("batches"),
                    overruns=r.integer("overruns"), truncated=r.integer("truncated"),
                    verdict_errors=r.counts("verdict_errors"), refused=r.integer("refused"),
-                   learned_dropped=r.integer("learned_dropped"),
                    cpu_seconds=r.number("cpu_seconds"),
                    latency=Latency._read(r.child("latency")))
 

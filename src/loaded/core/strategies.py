@@ -19,6 +19,11 @@ Rules:
   eligible backends (sh, maglev): the client table may then move a dead
   backend's clients at once, and every process and every restart makes the same
   choice for the same client.
+* The hash strategies look a client up exactly as the kernel does
+  (``jhash_bucket``: nftables' ``jhash ip saddr mod SIZE seed SEED``) in a table
+  of ``SIZE`` buckets that ``hash_table`` builds; the daemon loads the same
+  table into the kernel, which then decides for new clients itself, and a
+  worker deciding in its place (an ICMP echo, a full map) gives the same answer.
 * The count-based strategies (weighted, lc) read ``Backend.clients``, which the
   client table maintains. The table bumps ``pool.version`` after a bulk decrease
   (expiry, a backend's clients dropped) and calls ``released(backend)`` after a
@@ -37,23 +42,22 @@ lc          least (clients + 1) / weight                        O(log n)
                                                                 amortised
 wrr         smooth weighted round robin (EEVDF)                 O(1) if W <= 16384
                                                                 else O(log n)
-sh          source hash over a weighted slot table              O(1)
+sh          source hash over a weighted slot table (runs)       O(1)
 maglev      Maglev consistent hash (weighted, Envoy's way)      O(1)
 ==========  ==================================================  ================
 
 Rebuilds cost O(n) (rr, weighted, lc), O(W log n) (wrr, W = sum of weights, up
-to its cycle limit), O(max(4096, 16n)) (sh) and O(M log M) (maglev, M = table
-size: ~50 ms for 65537); they happen only when the eligible backends or their
+to its cycle limit), O(M) (sh) and O(M log M) (maglev), M = table size (~50 ms
+for maglev's 65537); they happen only when the eligible backends or their
 weights change (for weighted and lc also when counts drop in bulk, O(n)).
 """
 
 from __future__ import annotations
 
-import hashlib
 from heapq import heapify, heappop, heappush, heapreplace
 from typing import ClassVar
 
-from loaded.core.hashing import stable_hash
+from loaded.core.hashing import jhash_bucket, stable_hash
 from loaded.core.pool import Backend, Pool
 
 __all__ = [
@@ -65,13 +69,13 @@ __all__ = [
     "Strategy",
     "WeightedLeastClients",
     "WeightedRoundRobin",
+    "hash_table",
     "make_strategy",
 ]
 
-# hashing.stable_hash(client), written out inline on the hash strategies' hot path
-# to save a Python-level call per choice; a test checks that the two agree.
-_blake2b = hashlib.blake2b
-_from_bytes = int.from_bytes
+HASH_STRATEGIES = frozenset({"sh", "maglev"})
+DEFAULT_TABLE_SIZE = 65537
+DEFAULT_HASH_SEED = 0x4C4F4144  # "LOAD": the same on every node unless configured
 
 # Ratios (clients + 1) / weight and wrr's turn times k / weight are compared as
 # floor(ratio * 2**_FRACTION_BITS). Two different ratios whose denominators are
@@ -407,17 +411,21 @@ class WeightedRoundRobin(Strategy):
             self._cycle = cycle
 
 
-class _HashTable(Strategy):
-    """A lookup table indexed by a stable hash of the client: ``sh`` and ``maglev``.
-
-    Subclasses only say how the table is built from the eligible backends.
-    """
+class HashStrategy(Strategy):
+    """A lookup table of ``table_size`` buckets indexed by the kernel's ``jhash``
+    of the client: ``sh`` and ``maglev``, which differ only in how the table is
+    built from the eligible backends (``hash_table``)."""
 
     resteers = True
-    __slots__ = ("_size", "_table")
+    __slots__ = ("_size", "_table", "seed", "table_size")
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, table_size: int = DEFAULT_TABLE_SIZE,
+                 seed: int = DEFAULT_HASH_SEED) -> None:
         super().__init__(pool)
+        if not 0 <= seed <= 0xFFFFFFFF:
+            raise ValueError(f"hash seed {seed} is not a 32-bit number")
+        self.table_size = table_size
+        self.seed = seed
         # One slot holding None when nobody is eligible: choose needs no branch.
         self._table: list[Backend | None] = [None]
         self._size = 1
@@ -425,42 +433,61 @@ class _HashTable(Strategy):
     def choose(self, client: bytes) -> Backend | None:
         if self._version != self.pool.version:
             self._rebuild()
-        return self._table[
-            _from_bytes(_blake2b(client, digest_size=8).digest(), "little") % self._size]
+        if self._size == 1:
+            return self._table[0]
+        return self._table[jhash_bucket(client, self.seed, self._size)]
 
     def _rebuild(self) -> None:
         if not self._sync():
             return
         backends = self._eligible()
-        table: list[Backend | None] = self._build(backends) if backends else [None]
+        table: list[Backend | None] = (hash_table(self.name, backends, self.table_size)
+                                       if backends else [None])
         self._table, self._size = table, len(table)
 
-    def _build(self, backends: list[Backend]) -> list[Backend | None]:
-        raise NotImplementedError
 
-
-class SourceHash(_HashTable):
-    """``sh``: ``table[stable_hash(client) % size]`` over a slot table apportioned by weight.
-
-    The table has max(4096, 16 n) slots, shared out by largest remainder with at
-    least one slot per eligible backend, each backend's slots in one run in pool
-    order. Any change of the eligible set or weights remaps most clients; maglev
-    is the consistent alternative.
-    """
+class SourceHash(HashStrategy):
+    """``sh``: a bucket table shared out by weight, each backend's buckets in one run
+    in pool order (largest remainder, at least one bucket each). Any change of the
+    eligible set or weights remaps most clients; maglev is the consistent
+    alternative."""
 
     name = "sh"
     __slots__ = ()
 
-    MIN_SLOTS: ClassVar[int] = 4096
-    SLOTS_PER_BACKEND: ClassVar[int] = 16
 
-    def _build(self, backends: list[Backend]) -> list[Backend | None]:
-        size = max(self.MIN_SLOTS, self.SLOTS_PER_BACKEND * len(backends))
+class Maglev(HashStrategy):
+    """``maglev``: a Maglev table of the eligible backends (``maglev_table``).
+
+    Consistent: when a backend leaves, its clients are spread over the others and
+    nearly everybody else keeps their backend; when one joins, it takes about its
+    share, mostly from everybody evenly. The size must be prime and should be
+    well above 100 times the number of backends for an even spread.
+    """
+
+    name = "maglev"
+    __slots__ = ()
+
+    def __init__(self, pool: Pool, table_size: int = DEFAULT_TABLE_SIZE,
+                 seed: int = DEFAULT_HASH_SEED) -> None:
+        if not is_prime(table_size):
+            raise ValueError(f"maglev table size {table_size} is not prime")
+        super().__init__(pool, table_size, seed)
+
+
+def hash_table(strategy: str, backends: list[Backend], size: int) -> list[Backend | None]:
+    """The bucket table (``size`` buckets, each a backend) of a hash strategy over
+    ``backends`` (the eligible ones, in pool order): ``sh``'s runs, or for
+    ``maglev`` (and as the kernel's fall-back table for every other strategy)
+    Maglev's table. Pure and the same in every process: the daemon loads it into
+    the kernel and every worker builds it for itself."""
+    if strategy == "sh":
         counts = apportion([b.weight for b in backends], size)
         table: list[Backend | None] = []
         for b, count in zip(backends, counts, strict=True):
             table.extend([b] * count)
         return table
+    return maglev_table(backends, size)
 
 
 def apportion(weights: list[int], seats: int) -> list[int]:
@@ -552,28 +579,6 @@ def maglev_table(backends: list[Backend], size: int) -> list[Backend | None]:
                 return table  # every slot holds a backend now
 
 
-class Maglev(_HashTable):
-    """``maglev``: ``table[stable_hash(client) % M]`` over a Maglev table of the eligible backends.
-
-    Consistent: when a backend leaves, its clients are spread over the others and
-    nearly everybody else keeps their backend; when one joins, it takes about its
-    share, mostly from everybody evenly. ``M`` must be prime and should be well
-    above 100 times the number of backends for an even spread.
-    """
-
-    name = "maglev"
-    __slots__ = ("table_size",)
-
-    def __init__(self, pool: Pool, table_size: int = 65537) -> None:
-        if not is_prime(table_size):
-            raise ValueError(f"maglev table size {table_size} is not prime")
-        super().__init__(pool)
-        self.table_size = table_size
-
-    def _build(self, backends: list[Backend]) -> list[Backend | None]:
-        return maglev_table(backends, self.table_size)
-
-
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (RoundRobin, LeastClients, WeightedLeastClients, WeightedRoundRobin,
@@ -581,11 +586,13 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def make_strategy(name: str, pool: Pool, *, maglev_table_size: int = 65537) -> Strategy:
-    """The strategy called ``name`` (see ``STRATEGIES``) for ``pool``."""
+def make_strategy(name: str, pool: Pool, *, table_size: int = DEFAULT_TABLE_SIZE,
+                  hash_seed: int = DEFAULT_HASH_SEED) -> Strategy:
+    """The strategy called ``name`` (see ``STRATEGIES``) for ``pool``; ``table_size``
+    and ``hash_seed`` are the hash strategies' (see ``hash_table``)."""
     cls = STRATEGIES.get(name)
     if cls is None:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
-    if cls is Maglev:
-        return Maglev(pool, maglev_table_size)
+    if issubclass(cls, HashStrategy):
+        return cls(pool, table_size, hash_seed)
     return cls(pool)

@@ -108,14 +108,19 @@ class Supervisor:
         self.backends = BackendStates(config, families)
         self._wake_r, self._wake_w = os.pipe()
         self.queries = Queries()
-        self.sync = KernelSync(self.kernel, plan, self.backends, self.vips)
+        # The workers' pools as the kernel's hash table must follow them: built
+        # as a worker's engine is, given every command they get.
+        mirror = (build_engine(config, time.monotonic(), families,
+                               indexes=self.backends.indexes())
+                  if plan.hashing is not None else None)
+        self.sync = KernelSync(self.kernel, plan, self.backends, self.vips, mirror)
         self.workers = Workers(
-            (WorkerSpec(i, q, core, maxlen, config.fail_open, config.gso, user,
+            (WorkerSpec(i, q, core, maxlen, plan.queue_bypass, config.gso, user,
                         drop_privileges, refuse_when_empty=config.no_backend == "refuse",
                         datapath=plan.datapath)
              for i, (q, core) in enumerate(zip(plan.queues, plan.cores, strict=True))),
             make_engine=self._engine, replay=self.backends.replay,
-            on_reply=self.queries.on_reply, on_learned=self.sync.learn,
+            on_reply=self.queries.on_reply,
             on_exit=lambda child: self._retire(child.last),
             private_fds=(self._wake_r, self._wake_w))
         self.operator = Operator(self)
@@ -426,8 +431,6 @@ class Supervisor:
                 pass
         self.workers.reap(self.stopping)
         self.workers.read_ready(readable)
-        if self.sync.learned:
-            self.sync.remember(int(self.config.client_timeout))
         if control is not None:
             control.on_ready(readable, writable)
 

@@ -19,7 +19,6 @@ from loaded.core.checksum import ones_sum
 from loaded.core.commands import (
     ClientsQuery,
     DumpQuery,
-    Learned,
     LookupQuery,
     MessageError,
     PoolCommand,
@@ -35,7 +34,6 @@ from loaded.core.datapath import DataPath
 from loaded.core.datapath import datapath as datapath_named
 from loaded.core.engine import Engine
 from loaded.core.errors import PacketError, Reason
-from loaded.core.packet import source_address
 from loaded.core.persist import dump_tables, list_clients, restore_tables
 from loaded.core.preview import lookup_client, preview
 from loaded.io.nfqueue import ACCEPT, ACCEPT_UNCHANGED, DROP, LATENCY_BOUNDS, NfQueue
@@ -87,8 +85,6 @@ class Worker:
         self.refused = 0  # packets refused by the local stack: no backend was up
         self.stopping = False
         self._next_report = 0.0
-        self._learned: list[tuple[bytes, int]] = []  # (packed client address, mark)
-        self.learned_dropped = 0
         self.queue: NfQueue | None = None
 
     def on_packet(self, payload: memoryview, partial: bool) -> int:
@@ -108,16 +104,15 @@ class Worker:
         return ACCEPT
 
     def on_first_packet(self, payload: memoryview, partial: bool) -> int:
-        """The conntrack data path: the backend's mark; kernel NAT does the rest.
-        The decision is also handed to the kernel (through the supervisor), so
-        that the client's next connections need no trip through user space."""
+        """The conntrack data path: the backend's mark; kernel NAT does the rest,
+        and the kernel remembers the client from the mark (its ``steer`` chain),
+        so nothing else leaves the worker."""
         try:
             b = self.engine.decide(payload, time.monotonic())
         except Exception as e:
             return self._failed(e)
         if b is None:
             return ACCEPT_UNCHANGED
-        self._learned.append((source_address(payload), b.mark))
         return b.mark
 
     def _failed(self, e: Exception) -> int:
@@ -138,13 +133,6 @@ class Worker:
 
     def tick(self) -> None:
         now = time.monotonic()
-        if self._learned:
-            # After every burst: the kernel should know a client before its next
-            # connection. Only an optimisation: with the pipe full, it is dropped
-            # and the client's next connection is decided here again.
-            learned, self._learned = self._learned, []
-            if not self._write(encode(Learned(tuple(learned))), timeout=1.0, droppable=True):
-                self.learned_dropped += len(learned)
         if now < self._next_report:
             return
         self._next_report = now + REPORT_EVERY
@@ -244,7 +232,6 @@ class Worker:
             "verdict_errors": {str(k): v for k, v in (q.stats.verdict_errors if q else {}).items()},
             "drops": dict(self.drops),
             "refused": self.refused,
-            "learned_dropped": self.learned_dropped,
             "cpu_seconds": time.process_time(),
             "latency": _latency(q),
             "services": {

@@ -14,7 +14,7 @@ Rules:
   ``on_exit`` first (the supervisor keeps its totals, so that counters never
   go down) and, when stopping, its totals are logged (``worker-stopped``).
 - Reports arrive one message per line (``loaded.core.commands``); a reply goes
-  to ``on_reply``, learned clients to ``on_learned``, a report becomes the
+  to ``on_reply``, a report becomes the
   child's ``last`` and marks it ready. A line that does not decode is logged
   and skipped.
 - A write to a dying worker's pipe may fail: logged, and its replacement gets
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loaded.core.commands import (
-    Learned,
     MessageError,
     PoolCommand,
     Query,
@@ -67,14 +66,12 @@ class Workers:
                  make_engine: Callable[[WorkerSpec], Engine],
                  replay: Callable[[], Iterable[PoolCommand]],
                  on_reply: Callable[[int, Reply], None],
-                 on_learned: Callable[[tuple[tuple[bytes, int], ...]], None],
                  on_exit: Callable[[Child], None],
                  private_fds: tuple[int, ...] = ()) -> None:
         self.children = [Child(spec) for spec in specs]
         self._make_engine = make_engine  # in the new worker, after the fork
         self._replay = replay
         self._on_reply = on_reply
-        self._on_learned = on_learned
         self._on_exit = on_exit
         self._private_fds = private_fds  # the supervisor's own, closed in a worker
 
@@ -229,8 +226,6 @@ class Workers:
                 continue
             if isinstance(msg, Reply):
                 self._on_reply(child.spec.index, msg)
-            elif isinstance(msg, Learned):
-                self._on_learned(msg.clients)
             elif isinstance(msg, Report):
                 child.last = dict(msg.snapshot)
                 child.ready = True

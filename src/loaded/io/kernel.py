@@ -215,30 +215,9 @@ class Kernel:
             return
         self.nft.run(self.plan.datapath.backend_target(self.plan.tag, version, index, ip))
 
-    def remember_clients(self, entries: Iterable[tuple[IPAddress, int]], timeout: int) -> None:
-        """Tell the kernel which backend (mark) each client goes to, for its
-        ``recall`` chain. A client already there with another mark is replaced.
-        (A data path that does not remember clients has no client maps.)"""
-        if not self.plan.datapath.remembers_clients:
-            return
-        table = self.plan.nft_table
-        by_family: dict[int, list[list[Any]]] = {4: [], 6: []}
-        for ip, mark in entries:
-            by_family[ip.version].append([{"elem": {"val": str(ip), "timeout": timeout}}, mark])
-        cmds = [{"add": {"element": {"family": "inet", "table": table,
-                                     "name": f"clients{v}", "elem": elems}}}
-                for v, elems in by_family.items() if elems]
-        if not cmds:
-            return
-        try:
-            self.nft.run(cmds)
-        except KernelError:
-            # One transaction failed whole: some client had another mark. Replace.
-            for v, elems in by_family.items():
-                if elems:
-                    self.nft.delete_elements(table, f"clients{v}",
-                                             [elem[0]["elem"]["val"] for elem in elems])
-            self.nft.run(cmds)
+    def update_hash(self, commands: list[str]) -> None:
+        """Buckets of the kernel's hash table (``nft_hash_buckets``): one transaction."""
+        self.nft.text("\n".join(commands))
 
     def recalled(self, ip: IPAddress) -> tuple[int, float | None] | None:
         """The kernel's memory of one client: (mark, seconds until it expires)."""
@@ -278,22 +257,23 @@ class Kernel:
                         raise
         return n
 
-    def kernel_counters(self) -> tuple[dict[int, tuple[int, int]], int]:
+    def kernel_counters(self) -> tuple[dict[int, tuple[int, int]], dict[str, int]]:
         """Packets and bytes each backend's traffic took through the table (by
         mark; conntrack path: both directions, per-packet path: the replies
-        rewritten in the kernel), and the packets dropped as invalid: the table's
-        counters, read at once."""
+        rewritten in the kernel), and the packets of the table's other counters
+        (``invalid``: dropped as invalid, ``hashed``: given to the hash table):
+        read at once."""
         if not self.plan.nft:
-            return {}, 0
+            return {}, {}
         backends: dict[int, tuple[int, int]] = {}
-        invalid = 0
+        named: dict[str, int] = {}
         for name, value in self.nft.counters(self.plan.nft_table).items():
             mark = counter_mark(name)
             if mark is not None:
                 backends[mark] = value
-            elif name == "invalid":
-                invalid = value[0]
-        return backends, invalid
+            else:
+                named[name] = value[0]
+        return backends, named
 
     def forget_connections(self, mark: int) -> int:
         """Delete the conntrack entries of one backend (by connection mark): their
