@@ -32,7 +32,7 @@ from loaded.control.protocol import CommandFailed, ControlError
 from loaded.core.config import KEYS, parse_config
 from loaded.core.plan import instance_tag
 from loaded.core.reload import diff_configs
-from loaded.core.status import Status
+from loaded.core.status import KernelHashStatus, Status
 
 from . import snapshots as snap
 
@@ -130,6 +130,17 @@ def test_status_kernel_drops() -> None:
     zero = format_status(dataclasses.replace(STATUS, kernel_drops={"conntrack-invalid": 0}),
                          NOW)
     assert zero.endswith("conntrack-invalid        0\n")  # counted, and none
+
+
+def test_status_kernel_hash_table() -> None:
+    table = KernelHashStatus("maglev", 65537, 0x4C4F4144, True, False, 2_500_000)
+    status = dataclasses.replace(STATUS, kernel_hash=table)
+    assert format_status(status, NOW) == STATUS_TEXT + (
+        "\n"
+        "kernel hash table: maglev, 65537 buckets, seed 0x4c4f4144, decides every new "
+        "client (2.5M new connections hashed)\n")
+    back = Status.from_json(status.to_json())
+    assert back.kernel_hash == table
 
 
 def test_status_exact_counters() -> None:

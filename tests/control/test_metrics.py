@@ -173,6 +173,17 @@ def test_every_family_is_prefixed_and_documented() -> None:
         assert family.documentation, name
 
 
+def test_the_kernels_hash_decisions_are_a_counter() -> None:
+    from loaded.core.status import KernelHashStatus
+    status = dataclasses.replace(snapshot(), kernel_hash=KernelHashStatus(
+        "maglev", 65537, 1, False, True, 99))
+    families, samples = scrape(status)
+    assert families["loaded_kernel_hashed"].type == "counter"
+    assert samples[("loaded_kernel_hashed_total", L(mode="fallback", strategy="maglev"))] == 99
+    _, samples = scrape(snapshot())  # no table: no series
+    assert not any(name.startswith("loaded_kernel_hashed") for name, _ in samples)
+
+
 def test_kernel_drops_are_a_counter_by_reason() -> None:
     status = dataclasses.replace(snapshot(), kernel_drops={"conntrack-invalid": 12, "other": 0})
     families, samples = scrape(status)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from loaded.core.status import Status, StatusError
-from tests.control.test_cli_format import STATUS
+from loaded.core.status import KernelHashStatus, Status, StatusError
+from tests.control.test_cli_format import STATUS as PLAIN
+
+# Every optional part present, so that the junk reaches each of its fields.
+STATUS = dataclasses.replace(
+    PLAIN, kernel_drops={"conntrack-invalid": 3},
+    kernel_hash=KernelHashStatus("sh", 251, 7, False, True, 12))
 
 JUNK: list[Any] = [None, True, -1, 2.5, "x", "", [], {}, [[1, 2]], {"a": 1}, "²"]
 

@@ -97,6 +97,9 @@ def test_the_kernel_decides_for_hash_strategies(lab: Lab, daemon_factory: Any,
     assert found["kernel"] is not None and name_of(lab, found["kernel"]["backend"]) == got[
         clients[0]]
     assert d.wait_stats(lambda s: s.get("kernel_hash", {}).get("hashed", 0) >= len(clients))
+    table = d.control("status")["kernel_hash"]
+    assert (table["strategy"], table["buckets"], table["seed"], table["decides"]) == (
+        strategy, 65537, 0x5EED, True)
     # replay (a worker's decision offline, from a capture) agrees with the kernel's
     assert lab.workdir is not None
     capture, written = lab.workdir / f"syns-{strategy}.pcap", lab.workdir / "out.pcap"

@@ -474,6 +474,12 @@ def format_status(status: Status, now: float, exact: bool = False) -> str:
         lines.append("")
         lines += table(["QUEUE", "WAITING", "QUEUE DROPPED", "USER DROPPED"], rows,
                        [True, True, True, True], indent="")
+    if status.kernel_hash is not None:
+        h = status.kernel_hash
+        lines.append("")
+        lines.append(f"kernel hash table: {h.strategy}, {h.buckets} buckets, seed "
+                     f"{h.seed:#x}, {'decides every new client' if h.decides else 'fallback'}"
+                     f" ({count(h.hashed, exact)} new connections hashed)")
     if status.kernel_drops:  # conntrack path: shown even when 0
         lines.append("")
         lines += table(["KERNEL DROP", "PACKETS"],

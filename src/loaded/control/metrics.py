@@ -38,6 +38,7 @@ loaded_kernel_queue_dropped_total              counter  queue
 loaded_kernel_queue_user_dropped_total         counter  queue
 loaded_kernel_queue_id_sequence                gauge    queue
 loaded_kernel_drops_total                      counter  reason
+loaded_kernel_hashed_total                     counter  mode, strategy
 =============================================  =======  ==============================
 
 ``loaded_kernel_drops_total`` counts packets the kernel dropped before any
@@ -70,6 +71,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from loaded.core.status import (
     DaemonInfo,
+    KernelHashStatus,
     Latency,
     QueueStatus,
     ServiceStatus,
@@ -130,6 +132,8 @@ class StatusCollector(Collector):
         yield from self._workers(status.workers)
         yield from self._kernel(status.kernel_queues)
         yield from self._kernel_drops(status.kernel_drops or {})
+        if status.kernel_hash is not None:
+            yield from self._kernel_hash(status.kernel_hash)
 
     # -- daemon -----------------------------------------------------------------------
 
@@ -271,6 +275,17 @@ class StatusCollector(Collector):
             "conntrack found them invalid). Conntrack data path only.", labels=["reason"])
         for reason in sorted(drops):
             family.add_metric([reason], drops[reason])
+        yield family
+
+
+    def _kernel_hash(self, table: KernelHashStatus) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            PREFIX + "kernel_hashed",
+            "New connections the kernel's hash table gave a bucket (mode=decides: "
+            "every new TCP/UDP client of sh or maglev; mode=fallback: those no worker "
+            "took, fail_open=hash).", labels=["mode", "strategy"])
+        family.add_metric(["decides" if table.decides else "fallback", table.strategy],
+                          table.hashed)
         yield family
 
 

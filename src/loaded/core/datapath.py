@@ -53,6 +53,7 @@ from loaded.core.firewall import (
     to_workers,
 )
 from loaded.core.pool import CT_FAMILY_MASK, CT_MARK_BASE, State, ct_mark
+from loaded.core.status import KernelHashStatus
 from loaded.core.strategies import HASH_STRATEGIES
 
 PacketHandler = Callable[[memoryview, bool], int]  # (payload, partial) -> verdict
@@ -92,6 +93,7 @@ class KernelView:
     counters: Counters | None = None  # per backend, both ways (replaces the workers')
     reply_counters: Counters | None = None  # per backend, the replies rewritten in the kernel
     kernel_drops: Mapping[str, int] | None = None  # dropped before any worker saw them
+    kernel_hash: KernelHashStatus | None = None  # the kernel's hash table, if any
     stats: Mapping[str, Any] = field(default_factory=dict)  # extra keys of the stats file
 
 

@@ -27,6 +27,8 @@ Rules
                      in the same object, absent until the worker's first report
   ``kernel_queues``  :class:`QueueStatus` by queue number (a string in JSON)
   ``kernel_drops``   drops by reason; the key is absent on the per-packet path
+  ``kernel_hash``    :class:`KernelHashStatus`; absent when the kernel has no hash
+                     table
   ``endpoints``      name -> URL or socket path
   =================  ========================================================
 
@@ -360,6 +362,31 @@ class QueueStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class KernelHashStatus:
+    """The kernel's hash table: whose table, whether it decides every new client
+    (``decides``) or only those no worker took (``fallback``), and how many new
+    connections it has given a bucket so far (``hashed``: it counts a lookup
+    that found no backend too)."""
+
+    strategy: str
+    buckets: int
+    seed: int
+    decides: bool
+    fallback: bool
+    hashed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "buckets": self.buckets, "seed": self.seed,
+                "decides": self.decides, "fallback": self.fallback, "hashed": self.hashed}
+
+    @classmethod
+    def _read(cls, r: _Reader) -> KernelHashStatus:
+        return cls(strategy=r.text("strategy"), buckets=r.integer("buckets"),
+                   seed=r.integer("seed"), decides=r.flag("decides"),
+                   fallback=r.flag("fallback"), hashed=r.integer("hashed"))
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     daemon: DaemonInfo
     services: tuple[ServiceStatus, ...]
@@ -367,6 +394,7 @@ class Status:
     kernel_queues: Mapping[int, QueueStatus]
     endpoints: Mapping[str, str]
     kernel_drops: Mapping[str, int] | None = None  # None: the per-packet path counts none
+    kernel_hash: KernelHashStatus | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -378,6 +406,8 @@ class Status:
         }
         if self.kernel_drops is not None:
             out["kernel_drops"] = dict(self.kernel_drops)
+        if self.kernel_hash is not None:
+            out["kernel_hash"] = self.kernel_hash.to_json()
         return out
 
     @classmethod
@@ -398,4 +428,6 @@ class Status:
         return cls(daemon=info, services=services, workers=workers,
                    kernel_queues=kernel_queues,
                    endpoints={k: endpoints.text(k) for k in endpoints.obj},
-                   kernel_drops=r.counts("kernel_drops") if "kernel_drops" in r.obj else None)
+                   kernel_drops=r.counts("kernel_drops") if "kernel_drops" in r.obj else None,
+                   kernel_hash=(KernelHashStatus._read(r.child("kernel_hash"))
+                                if "kernel_hash" in r.obj else None))

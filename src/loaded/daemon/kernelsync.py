@@ -41,6 +41,7 @@ from loaded.core.datapath import DataPath, Forget, KernelView, nft_hash_buckets
 from loaded.core.engine import Engine
 from loaded.core.plan import Plan
 from loaded.core.pool import IPAddress
+from loaded.core.status import KernelHashStatus
 from loaded.core.strategies import hash_table
 from loaded.io.kernel import Kernel, KernelError
 
@@ -178,6 +179,7 @@ class KernelSync:
         if self.hashing is None:
             return view
         h = self.hashing
-        return dataclasses.replace(view, stats={**view.stats, "kernel_hash": {
-            "strategy": h.strategy, "buckets": h.size, "seed": h.seed,
-            "decides": h.decides, "fallback": h.fallback, "hashed": self.hashed}})
+        table = KernelHashStatus(h.strategy, h.size, h.seed, h.decides, h.fallback,
+                                 self.hashed)
+        return dataclasses.replace(view, kernel_hash=table,
+                                   stats={**view.stats, "kernel_hash": table.to_json()})

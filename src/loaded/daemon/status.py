@@ -41,6 +41,7 @@ from loaded.core.health import TargetStatus
 from loaded.core.status import (
     BackendStatus,
     DaemonInfo,
+    KernelHashStatus,
     LastCheck,
     QueueStatus,
     ServiceStatus,
@@ -64,6 +65,7 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
                  client_table_max: int | None = None,
                  kernel_drops: Mapping[str, int] | None = None,
                  reply_counters: Mapping[int, tuple[int, int]] | None = None,
+                 kernel_hash: KernelHashStatus | None = None,
                  ) -> Status:
     """``daemon``: pid, tag, config, version, uptime, started_at (``DaemonInfo``
     without the datapath); ``workers``: each worker's latest report with the
@@ -128,7 +130,8 @@ def build_status(*, daemon: Mapping[str, Any], vips: Iterable[tuple[int, str]], 
         workers=tuple(_worker(w) for w in workers),
         kernel_queues={int(q): QueueStatus(**stats) for q, stats in kernel_queues.items()},
         endpoints=dict(endpoints),
-        kernel_drops=None if kernel_drops is None else dict(kernel_drops))
+        kernel_drops=None if kernel_drops is None else dict(kernel_drops),
+        kernel_hash=kernel_hash)
 
 
 def _worker(w: Mapping[str, Any]) -> WorkerStatus:

@@ -231,7 +231,7 @@ class Supervisor:
             retired=self._retired,
             client_table_max=(table_share(self.config.client_table_max, len(self.children))
                               * len(self.children)),
-            kernel_drops=kernel.kernel_drops)
+            kernel_drops=kernel.kernel_drops, kernel_hash=kernel.kernel_hash)
 
     def _cached_status(self) -> Status:
         # The HTTP server's threads: the main loop refreshes this once a second.
