@@ -134,7 +134,7 @@ def test_conntrack_path_nft_table() -> None:
     chains = {cmd["add"]["chain"]["name"]: cmd["add"]["chain"] for cmd in p.nft
               if "chain" in cmd.get("add", {})}
     assert {n: (c["type"], c["hook"], c["prio"]) for n, c in chains.items()} == {
-        "guard": ("filter", "prerouting", -180),  # after conntrack (-200), before mangle
+        # after conntrack (-200), before mangle: the one chain of every packet
         "recall": ("filter", "prerouting", -170),
         "steer": ("nat", "prerouting", -100),
         "tally": ("filter", "forward", 0)}
@@ -143,7 +143,11 @@ def test_conntrack_path_nft_table() -> None:
     assert steer[0][1]["match"]["right"] == {"prefix": {"addr": 0x4C420000, "len": 17}}
     assert steer[1][1]["match"]["right"] == {"prefix": {"addr": 0x4C428000, "len": 17}}
     assert steer[1][3]["dnat"]["addr"]["map"]["data"] == "@backends6"
-    guard = _rules(p, "guard")
+    recall = _rules(p, "recall")
+    assert recall[0] == [{"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                                    "right": ["established", "related"]}}, {"accept": None}]
+    guard = recall[1:]
+    assert len(guard) == 2
     assert all(r[1]["match"]["right"] == "invalid" and r[-1] == {"drop": None} for r in guard)
     # every configured backend is in the maps, under its pool index
     elements = [cmd["add"]["element"] for cmd in p.nft if "element" in cmd.get("add", {})]
@@ -204,13 +208,15 @@ def test_fail_open_hash_falls_back_to_the_kernels_table_after_the_queue() -> Non
     p = plan("datapath=conntrack\nstrategy=wrr\nhash_seed=0x1234\n")
     assert p.hashing is not None and p.hashing.fallback and not p.hashing.decides
     assert p.hashing.strategy == "maglev" and p.hashing.seed == 0x1234
-    chains = {cmd["add"]["chain"]["name"]: cmd["add"]["chain"] for cmd in p.nft
-              if "chain" in cmd.get("add", {})}
-    # after the mangle chain that queues (-150), before NAT (-100)
-    assert (chains["fallback"]["hook"], chains["fallback"]["prio"]) == ("prerouting", -120)
-    fallback = [r for r in p.nft_text if " fallback " in r]
-    assert fallback[0] == "add rule inet loaded_abc123 fallback " + _HASH4.replace(
+    chains = {cmd["add"]["chain"]["name"] for cmd in p.nft if "chain" in cmd.get("add", {})}
+    assert chains == {"recall", "steer", "tally"}  # no chain more for every packet
+    # inserted last at the head of steer (after the queue, first packets only),
+    # so before the rules that learn the client and DNAT
+    fallback = [r for r in p.nft_text if "jhash" in r]
+    assert fallback[0] == "insert rule inet loaded_abc123 steer " + _HASH4.replace(
         "0x4c4f4144", "0x1234")
+    assert p.nft_text.index(fallback[0]) > max(
+        i for i, r in enumerate(p.nft_text) if "update @clients" in r)
     assert p.queue_bypass
     assert all("--queue-bypass" in r for c in p.chains if c.table == "mangle"
                for r in c.rules if "NFQUEUE" in r)

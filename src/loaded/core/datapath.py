@@ -11,7 +11,7 @@ queued              every packet to a VIP and every   only what conntrack calls 
 worker's handler    ``on_packet``: every packet       ``on_first_packet``: a mark for
                     decided, steered by mark or       the first packet, its client
                     rewritten                         handed to the kernel
-nft table           ``steer`` (mark -> destination),  ``guard``, ``recall``, ``steer``
+nft table           ``steer`` (mark -> destination),  ``recall``, ``steer``
                     ``reply`` (source -> VIP)         (DNAT), ``tally``
 a backend target    ``@backends`` + reply counter     ``@backends`` + both-ways counter
 kernel memory       none                              conntrack entries and the
@@ -276,13 +276,11 @@ class Conntrack(DataPath):
             # After the recall rule: a client the kernel remembers keeps its backend.
             text += tuple(f"add rule inet {name} recall {r}" for r in rules)
             return cmds + nft_hash_maps(tag), text
-        # After the mangle chain (-150) that queues, before NAT (-100): what the
-        # queue let through without a worker's mark.
-        chain = {"add": {"chain": {"family": "inet", "table": name, "name": "fallback",
-                                   "type": "filter", "hook": "prerouting", "prio": -120,
-                                   "policy": "accept"}}}
-        text += tuple(f"add rule inet {name} fallback {r}" for r in rules)
-        return cmds + nft_hash_maps(tag) + (chain,), text
+        # At the head of steer, after the mangle chain (-150) that queues: what
+        # the queue let through without a worker's mark; a NAT chain sees only a
+        # connection's first packet, so the rest of the flow pays nothing.
+        text += tuple(f"insert rule inet {name} steer {r}" for r in rules)
+        return cmds + nft_hash_maps(tag), text
 
     def backend_target(self, tag: str, version: int, index: int, ip: IPAddress
                        ) -> list[dict[str, Any]]:
@@ -446,18 +444,23 @@ def nft_ruleset(tag: str, vips: dict[int, IPAddress], backends: Backends,
         cmds.append({"add": {"map": {
             **t, "name": f"clients{version}", "type": ADDR_TYPE[version],
             "map": "mark", "flags": ["timeout"], "size": max_clients}}})
-    for chain, kind, hook, prio in (("guard", "filter", "prerouting", -180),
-                                    ("recall", "filter", "prerouting", -170),
+    for chain, kind, hook, prio in (("recall", "filter", "prerouting", -170),
                                     ("steer", "nat", "prerouting", -100),
                                     ("tally", "filter", "forward", 0)):
         cmds.append({"add": {"chain": {**t, "name": chain, "type": kind, "hook": hook,
                                        "prio": prio, "policy": "accept"}}})
+    # Every packet of every flow passes this chain: most are established and
+    # leave it at the first compare (accept ends this chain only).
+    cmds.append({"add": {"rule": {**t, "chain": "recall", "expr": [
+        {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                   "right": ["established", "related"]}},
+        {"accept": None}]}}})
     for version, vip in sorted(vips.items()):
         proto = IP[version]
         to_vip = {"match": {"op": "==", "left": {"payload": {"protocol": proto,
                                                               "field": "daddr"}},
                             "right": str(vip)}}
-        cmds.append({"add": {"rule": {**t, "chain": "guard", "expr": [
+        cmds.append({"add": {"rule": {**t, "chain": "recall", "expr": [
             to_vip,
             {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "invalid"}},
             {"counter": "invalid"},

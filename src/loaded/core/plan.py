@@ -52,17 +52,19 @@ Rules of the plan:
   =======  =====================  ============================================
   chain    hook, priority         rules
   =======  =====================  ============================================
-  guard    prerouting, -180       to a VIP, conntrack state invalid: count
-                                  (counter ``invalid``) and drop
-  recall   prerouting, -170       a new connection to a VIP from a client in
+  recall   prerouting, -170       established or related: nothing more (most
+                                  packets leave at this first compare); to a
+                                  VIP, conntrack state invalid: count
+                                  (counter ``invalid``) and drop; a new
+                                  connection to a VIP from a client in
                                   ``@clients4``/``@clients6`` (client -> mark,
                                   idle timeout ``client_timeout``, at most
                                   ``client_table_max``): that mark; (sh,
                                   maglev) else its hash bucket's mark
-  fallback prerouting, -120       (``fail_open=hash``, other strategies) a new
+  steer    prerouting, dstnat     (``fail_open=hash``, other strategies) a new
                                   connection the queue let through without a
-                                  backend's mark: its hash bucket's mark
-  steer    prerouting, dstnat     to a VIP with a backend's mark: the client
+                                  backend's mark: its hash bucket's mark; to
+                                  a VIP with a backend's mark: the client
                                   added to (or refreshed in) the client map;
                                   copy the mark to the connection, DNAT to
                                   ``@backends4``/``@backends6`` (mark -> address)
@@ -71,9 +73,12 @@ Rules of the plan:
                                   backend's counter (map ``@counters``)
   =======  =====================  ============================================
 
-  guard sits after conntrack (-200) and before mangle (-150), so the queue never
-  sees an invalid packet. A recalled connection already has its backend's mark,
-  which the mangle chain's first rule lets pass unqueued: a client the workers
+  recall sits after conntrack (-200) and before mangle (-150), so the queue
+  never sees an invalid packet, and is the only chain of the table that every
+  packet of a flow passes in prerouting (one base chain costs as much as a
+  few rules: guard and recall were two until 0.4). A recalled connection
+  already has its backend's mark, which the mangle chain's first rule lets
+  pass unqueued: a client the workers
   have decided for opens its next connections at the kernel's speed, and
   sticks to its backend as long as it keeps coming back within
   ``client_timeout``. Only a connection's first packet passes the NAT
@@ -90,9 +95,10 @@ Rules of the plan:
   configured seed, bucket -> mark in ``@hash4``/``@hash6``, which the daemon
   keeps equal to the workers' table): the kernel decides and no worker sees
   the client. With ``fail_open=hash`` (the default) and any other strategy,
-  the same rule in a chain ``fallback`` (prerouting, -120, after the queue)
-  catches only what the queue let through without a worker's mark; on the
-  per-packet path it sits at the head of ``steer`` and needs a hash strategy.
+  the same rule at the head of ``steer`` (after the queue; a NAT chain sees
+  only a connection's first packet) catches only what the queue let through
+  without a worker's mark; on the per-packet path it sits at the head of its
+  ``steer`` too and needs a hash strategy.
   Every new connection with a backend's mark passes ``steer``'s first rule,
   which adds its client to the client map or refreshes it: the kernel learns
   every client itself.

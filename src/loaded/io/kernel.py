@@ -38,6 +38,7 @@ from loaded.core.firewall import Chain, IPAddress, counter_mark
 from loaded.core.plan import Address, Neighbour, Plan, Route, Sysctl
 from loaded.core.pool import ct_mark_version
 from loaded.io.files import write_atomic
+from loaded.io.nftcounters import read_counters
 
 log = logging.getLogger("loaded.kernel")
 
@@ -115,16 +116,6 @@ class Nft:
                     self.run([{"delete": {"element": dict(where, elem=[key])}}])
                 except KernelError:
                     pass
-
-    def counters(self, table: str) -> dict[str, tuple[int, int]]:
-        """Named counters of an inet table: name -> (packets, bytes)."""
-        out = self.run([{"list": {"counters": {"family": "inet", "table": table}}}])
-        found: dict[str, tuple[int, int]] = {}
-        for item in out.get("nftables", []) if isinstance(out, dict) else []:
-            c = item.get("counter")
-            if c and c.get("table") == table:
-                found[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
-        return found
 
 
 class Kernel:
@@ -267,7 +258,7 @@ class Kernel:
             return {}, {}
         backends: dict[int, tuple[int, int]] = {}
         named: dict[str, int] = {}
-        for name, value in self.nft.counters(self.plan.nft_table).items():
+        for name, value in read_counters(self.plan.nft_table).items():
             mark = counter_mark(name)
             if mark is not None:
                 backends[mark] = value
