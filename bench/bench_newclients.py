@@ -130,13 +130,15 @@ class Daemon(bl.LoadedConntrack):
 
     DATAPATH = "conntrack"
     STRATEGY: ClassVar[str] = "rr"
+    NFQ_LEN: ClassVar[int | None] = None  # the data path's default
 
     def daemon_argv(self, conf: Path) -> list[str]:
         # bench_lab wrote `conf` with the data path only; the same plus the strategy.
         # No saved client table: every lab starts with none and a stop need not write
         # tens of thousands of clients.
         self.lab.write_config(conf, FIRST_CORE=0, LAST_CORE=1, datapath=self.DATAPATH,
-                              strategy=self.STRATEGY, persist_clients="no")
+                              strategy=self.STRATEGY, persist_clients="no",
+                              nfq_len=self.NFQ_LEN)
         return super().daemon_argv(conf)
 
     def supervisor(self) -> int | None:
@@ -150,7 +152,14 @@ class ConntrackRR(Daemon):
     name = "conntrack-rr"
     description = ("the daemon, default data path (`datapath=conntrack`), `strategy=rr`, "
                    "FIRST_CORE=0 LAST_CORE=1 (2 workers), the lab's config otherwise "
-                   "(nfq_len=4096, fail_open default)")
+                   "(`fail_open=hash` and so a queue of 256, both defaults)")
+
+
+class ConntrackRRLongQueue(Daemon):
+    name = "conntrack-rr-q4096"
+    description = ("conntrack-rr with `nfq_len=4096` (the default before 0.4): a flood "
+                   "waits in the queue instead of reaching the kernel's table")
+    NFQ_LEN = 4096
 
 
 class ConntrackMaglev(Daemon):
@@ -169,11 +178,13 @@ class PerPacket(Daemon):
 MODES: dict[str, Callable[[int], bl.Mode]] = {
     "nft-numgen": lambda lifetime: NftNumgen(),
     "conntrack-rr": ConntrackRR,
+    "conntrack-rr-q4096": ConntrackRRLongQueue,
     "conntrack-maglev": ConntrackMaglev,
     "perpacket": PerPacket,
 }
 MODE_CLASSES: dict[str, type[bl.Mode]] = {
-    c.name: c for c in (NftNumgen, ConntrackRR, ConntrackMaglev, PerPacket)}
+    c.name: c for c in (NftNumgen, ConntrackRR, ConntrackRRLongQueue, ConntrackMaglev,
+                        PerPacket)}
 BASE = "nft-numgen"
 
 

@@ -203,7 +203,7 @@ def run_daemon(args: argparse.Namespace, config: Config, path: str) -> int:
         return 1
     if not args.foreground:
         detach()
-    supervisor = Supervisor(config, families, plan, maxlen=args.qlen or config.nfq_len,
+    supervisor = Supervisor(config, families, plan, maxlen=args.qlen or plan.queue_length,
                             user=args.user, failover=args.failover, config_path=path)
     return supervisor.run()
 

@@ -67,7 +67,7 @@ def test_minimal_ipv4_and_defaults() -> None:
     assert c.servers4 == (BackendSpec(IPv4Address("198.19.0.1"), 1, State.UP, 2),)
     assert c.vip6 is None and c.servers6 == ()
     assert (c.strategy, c.hash_table_size) == ("rr", 65537)
-    assert (c.port_alive, c.check_cycle, c.nfq_len, c.failover) == (80, 30.0, 4096, False)
+    assert (c.port_alive, c.check_cycle, c.nfq_len, c.failover) == (80, 30.0, None, False)
     assert (c.first_core, c.last_core) == (0, 0)
     assert (c.client_timeout, c.client_table_max) == (300.0, 1_000_000)
     assert (c.datapath, c.fail_open, c.gso) == ("conntrack", "hash", True)

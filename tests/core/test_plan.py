@@ -227,6 +227,13 @@ def test_fail_open_hash_falls_back_to_the_kernels_table_after_the_queue() -> Non
     assert p.hashing is None and p.queue_bypass
 
 
+def test_queue_length_by_data_path_unless_configured() -> None:
+    assert plan("datapath=conntrack\n").queue_length == 256  # fail_open=hash: a bound
+    assert plan("datapath=conntrack\nfail_open=no\n").queue_length == 4096
+    assert plan("datapath=perpacket\nstrategy=maglev\n").queue_length == 4096
+    assert plan("datapath=conntrack\nnfq_len=77\n").queue_length == 77
+
+
 def test_per_packet_fallback_needs_a_hash_strategy() -> None:
     p = plan("datapath=perpacket\n")  # rr: a flow's packets must not hash elsewhere
     assert p.hashing is None and not p.queue_bypass and p.nft_text == ()

@@ -203,7 +203,7 @@ class Config:
     broadcast: IPv4Address | None = None
     port_alive: int = 80
     check_cycle: float = 30.0
-    nfq_len: int = 4096
+    nfq_len: int | None = None  # None: the data path's (``Plan.queue_length``)
     failover: bool = False
     nameservers: tuple[IPv4Address | IPv6Address, ...] = ()
     first_core: int = 0
@@ -781,7 +781,10 @@ KEY_TABLE: tuple[Key, ...] = (
         ONCE, _HEALTH_SETUP, _ORIGINAL,
         "seconds between two discoveries, 0 < s <= 86400 (30)"),
     Key("nfq_len", "nfq_len", _Int(1, MAX_NFQ_LEN), ONCE, _QUEUE_SETUP, _ORIGINAL,
-        "NFQUEUE length in packets, 1..1048576 (4096)"),
+        "NFQUEUE length in packets, 1..1048576 (default: 256 on the conntrack path "
+        "with ``fail_open=hash``, where only first packets wait and beyond 256 the "
+        "kernel's hash table takes new clients, which bounds the delay a flood adds "
+        "to about 10 ms; 4096 otherwise, as the per-packet path queues every packet)"),
     Key("failover", "failover", _bool, ONCE, _HEALTH_SETUP, _ORIGINAL,
         "the bare word, or ``failover=yes|no|1|0|true|false|on|off`` (default off)"),
     Key("NS", "nameservers", None, MANY, _KERNEL_SETUP, _SHELL,

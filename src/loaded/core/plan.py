@@ -169,6 +169,8 @@ class Plan:
     hashing: KernelHash | None = None
     # Whether a full queue, or one nobody reads, lets packets through.
     queue_bypass: bool = False
+    # Each queue's length: ``nfq_len``, or the data path's default.
+    queue_length: int = 4096
 
     @property
     def nft_table(self) -> str:
@@ -215,6 +217,7 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
     hashing = path.kernel_hash(config.strategy, config.fail_open, config.hash_table_size,
                                config.hash_seed)
     bypass = path.queue_bypass(config.fail_open, hashing)
+    qlen = config.nfq_len or path.queue_length(config.fail_open, hashing)
     vips: dict[int, IPAddress] = {}
     rips: dict[int, IPNetwork] = {}
     initial: list[tuple[int, int, IPAddress]] = []  # (family, index, address)
@@ -245,7 +248,7 @@ def make_plan(config: Config, families: tuple[int, ...], tag: str, cpus: int) ->
                              config.client_table_max, int(config.client_timeout), hashing)
     return Plan(tag, families, queues, cores, tuple(addresses), tuple(routes),
                 tuple(dict.fromkeys(sysctls)), tuple(neighbours), tuple(chains),
-                path, nft, nft_text, hashing, bypass)
+                path, nft, nft_text, hashing, bypass, qlen)
 
 
 def _sysctls(family: int, pub: str, priv: str) -> list[Sysctl]:

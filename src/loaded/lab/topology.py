@@ -754,7 +754,7 @@ class Lab:
             "broadcast": self.broadcast4,
             "FIRST_CORE": 0,
             "LAST_CORE": ncpu - 1,
-            "nfq_len": 4096,
+            "nfq_len": None,  # the data path's default
             "server4": [b.addr4 for b in self.backends],
             "server6": [b.addr6 for b in self.backends],
             "strategy": "rr",
