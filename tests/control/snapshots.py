@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from loaded.core.status import (
     BackendStatus,
     DaemonInfo,
+    KernelHashStatus,
     LastCheck,
     Latency,
     QueueStatus,
@@ -83,8 +84,10 @@ def status(*, daemon_info: DaemonInfo | None = None,
            services: Sequence[ServiceStatus] = (), workers: Sequence[WorkerStatus] = (),
            kernel_queues: Mapping[int, QueueStatus] | None = None,
            endpoints: Mapping[str, str] | None = None,
-           kernel_drops: Mapping[str, int] | None = None) -> Status:
+           kernel_drops: Mapping[str, int] | None = None,
+           kernel_hash: KernelHashStatus | None = None) -> Status:
     return Status(daemon=daemon() if daemon_info is None else daemon_info,
                   services=tuple(services), workers=tuple(workers),
                   kernel_queues=dict(kernel_queues or {}), endpoints=dict(endpoints or {}),
-                  kernel_drops=None if kernel_drops is None else dict(kernel_drops))
+                  kernel_drops=None if kernel_drops is None else dict(kernel_drops),
+                  kernel_hash=kernel_hash)

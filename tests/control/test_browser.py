@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from loaded.control.web import StatusServer
-from loaded.core.status import BackendStatus, Status
+from loaded.core.status import BackendStatus, KernelHashStatus, Status
 
 from . import snapshots as snap
 
@@ -54,6 +54,7 @@ class GrowingStatus:
         self.t0 = time.monotonic()
         self.fail = False
         self.kernel_drops: dict[str, int] | None = None  # None: the per-packet path
+        self.kernel_hash: KernelHashStatus | None = None
         self.lock = threading.Lock()
 
     def __call__(self) -> Status:
@@ -87,7 +88,8 @@ class GrowingStatus:
                     latency=snap.latency([(0.0001, 10), (0.001, 20)], 0.01, 20)))
                 for i in range(2)],
             kernel_queues={i: snap.queue(id_sequence=100) for i in range(2)},
-            kernel_drops=None if self.kernel_drops is None else dict(self.kernel_drops))
+            kernel_drops=None if self.kernel_drops is None else dict(self.kernel_drops),
+            kernel_hash=self.kernel_hash)
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +249,27 @@ def test_page_reports_an_unavailable_status_and_recovers(browser: Browser,
             source.fail = False
         page.wait_for_selector('#conn[data-state="ok"]', timeout=5_000)
         assert page.locator("#error").is_hidden()
+        problems.check()
+    finally:
+        page.context.close()
+
+
+def test_page_shows_the_kernels_hash_table(browser: Browser, server: StatusServer,
+                                           source: GrowingStatus) -> None:
+    page, problems = open_page(browser, server, 375, 800)
+    try:
+        page.wait_for_selector('#conn[data-state="ok"]', timeout=10_000)
+        assert page.locator("#kernel-hash").is_hidden()
+        source.kernel_hash = KernelHashStatus("maglev", 65537, 7, True, False, 4321)
+        try:
+            page.wait_for_selector("#kernel-hash", state="visible", timeout=5_000)
+            text = page.inner_text("#kernel-hash")
+            assert "maglev, 65,537 buckets, decides every new client" in text
+            assert page.inner_text('#kernel-hash [data-field="hashed"]') == "4,321"
+            assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        finally:
+            source.kernel_hash = None
+        page.wait_for_selector("#kernel-hash", state="hidden", timeout=5_000)
         problems.check()
     finally:
         page.context.close()
