@@ -30,10 +30,13 @@ from scapy.utils import wrpcap
 
 from loaded.core.config import load_config
 from loaded.core.engine import build_engine
+from loaded.core.hashing import jhash_bucket
+from loaded.core.strategies import hash_table
 from loaded.lab import traffic
 from loaded.lab.balancer import kernel_queues
 from loaded.lab.topology import Lab
 from tests.e2e.conftest import PORT, Daemon
+from tests.e2e.test_balancing import _ip4
 
 CLIENTS = 48
 
@@ -139,12 +142,6 @@ def test_the_kernel_learns_a_workers_decision(lab: Lab, daemon_factory: Any) -> 
     assert d.stop() == 0
 
 
-def _udp4(src: str, dst: str) -> bytes:
-    udp = struct.pack("!HHHH", 9, 9, 8, 0)
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
-                       socket.inet_aton(src), socket.inet_aton(dst)) + udp
-
-
 @pytest.mark.parametrize(("datapath", "strategy"), [("conntrack", "rr"),
                                                     ("conntrack", "lc"),
                                                     ("perpacket", "maglev")])
@@ -159,7 +156,8 @@ def test_a_full_queue_falls_back_to_the_kernels_table(lab: Lab, daemon_factory: 
         raw4 = lab.socket("cl", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         try:  # one packet per client address, so that every queue holds one
             for c in lab.clients4[:12]:
-                raw4.sendto(_udp4(c, lab.vip4), (lab.vip4, 0))
+                raw4.sendto(_ip4(17, struct.pack("!HHHH", 9, 9, 8, 0), c, lab.vip4),
+                            (lab.vip4, 0))
         finally:
             raw4.close()
         time.sleep(0.2)
@@ -168,20 +166,13 @@ def test_a_full_queue_falls_back_to_the_kernels_table(lab: Lab, daemon_factory: 
         # new clients the frozen workers never saw: balanced by the kernel's
         # table, as a worker of the same table would have
         config = load_config(d.conf)
-        from loaded.core.hashing import jhash_bucket
-        from loaded.core.strategies import hash_table
-        pool = build_engine(config, 0.0, (4,)).services[0].pool
-        table = hash_table("maglev", pool.eligible(), config.hash_table_size)
+        tables = {f: hash_table("maglev", build_engine(config, 0.0, (f,)).services[0]
+                                .pool.eligible(), config.hash_table_size) for f in (4, 6)}
         for c in lab.clients4[20:26] + lab.clients6[20:26]:
-            vip = lab.vip6 if ":" in c else lab.vip4
-            if ":" in c:
-                pool6 = build_engine(config, 0.0, (6,)).services[0].pool
-                b = hash_table("maglev", pool6.eligible(), config.hash_table_size)[
-                    jhash_bucket(ipaddress.ip_address(c).packed, config.hash_seed,
-                                 config.hash_table_size)]
-            else:
-                b = table[jhash_bucket(ipaddress.ip_address(c).packed, config.hash_seed,
-                                       config.hash_table_size)]
+            ip = ipaddress.ip_address(c)
+            vip = lab.vip6 if ip.version == 6 else lab.vip4
+            b = tables[ip.version][jhash_bucket(ip.packed, config.hash_seed,
+                                                config.hash_table_size)]
             assert b is not None
             assert served(lab, c, vip) == name_of(lab, str(b.ip)), c
         dropped = sum(v["queue_dropped"] for v in kernel_queues(lab).values())
