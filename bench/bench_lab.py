@@ -133,19 +133,21 @@ class Settings:
 # ---------------------------------------------------------------- installation
 
 
-def ensure_tools() -> list[str]:
-    """apt-get install what is missing; returns the packages installed."""
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+def ensure_tools(tools: dict[str, str] | None = None, who: str = "bench_lab") -> list[str]:
+    """apt-get install what is missing of ``tools`` (command -> Debian package;
+    default this benchmark's ``TOOLS``); returns the packages installed."""
+    tools = TOOLS if tools is None else tools
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if not missing:
         return []
-    print(f"bench_lab: installing with apt: {' '.join(missing)}", file=sys.stderr)
+    print(f"{who}: installing with apt: {' '.join(missing)}", file=sys.stderr)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
     if subprocess.run(cmd, env=env, timeout=600).returncode != 0:
         # A fresh machine may not have package lists yet.
         subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=600, check=True)
         subprocess.run(cmd, env=env, timeout=600, check=True)
-    still = [t for t in TOOLS if shutil.which(t) is None]
+    still = [t for t in tools if shutil.which(t) is None]
     if still:
         raise BenchError(f"still missing after apt: {still}")
     return missing

@@ -192,19 +192,8 @@ BASE = "nft-numgen"
 
 
 def ensure_tools() -> list[str]:
-    """apt-get install what is missing; returns the packages installed."""
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
-    if not missing:
-        return []
-    print(f"bench_newclients: installing with apt: {' '.join(missing)}", file=sys.stderr)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
-    if subprocess.run(cmd, env=env, timeout=600).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=600, check=True)
-        subprocess.run(cmd, env=env, timeout=600, check=True)
-    if still := [t for t in TOOLS if shutil.which(t) is None]:
-        raise bl.BenchError(f"still missing after apt: {still}")
-    return missing
+    """apt-get install what is missing (bench_lab's installer, this bench's tools)."""
+    return bl.ensure_tools(TOOLS, "bench_newclients")
 
 
 # ------------------------------------------------------------------ the capture

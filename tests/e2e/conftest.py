@@ -5,12 +5,17 @@ Needs root (namespaces, NFQUEUE, iptables); skipped otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+import signal
+import socket
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+from scapy.layers.inet import IP, UDP
 
 from loaded.lab.balancer import Balancer
 from loaded.lab.topology import Lab
@@ -22,6 +27,29 @@ PORT = 8080
 
 
 Daemon = Balancer
+
+
+@contextlib.contextmanager
+def frozen_full_queues(lab: Lab, d: Balancer, clients: Sequence[str]) -> Iterator[None]:
+    """The daemon's workers stopped (SIGSTOP) and each of its queues (``nfq_len=1``)
+    holding one packet: a UDP datagram to the VIP from each of ``clients``,
+    spread over the queues by their addresses. The workers go on on exit."""
+    pids = d.worker_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        raw4 = lab.socket("cl", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        try:
+            for c in clients:
+                raw4.sendto(bytes(IP(src=c, dst=lab.vip4) / UDP(sport=9, dport=9)),
+                            (lab.vip4, 0))
+        finally:
+            raw4.close()
+        time.sleep(0.2)
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def kernel_state(lab: Lab) -> dict[str, Any]:

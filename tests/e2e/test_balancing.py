@@ -21,7 +21,7 @@ import pytest
 from loaded.core.checksum import checksum
 from loaded.lab import traffic
 from loaded.lab.topology import Lab
-from tests.e2e.conftest import PORT, Daemon, kernel_state
+from tests.e2e.conftest import PORT, Daemon, frozen_full_queues, kernel_state
 
 
 def vip(lab: Lab, family: int) -> str:
@@ -373,21 +373,9 @@ def test_second_instance_refuses_and_leaves_the_first_alone(lab: Lab,
 
 @pytest.mark.parametrize("fail_open", [False, True])
 def test_full_queue_fails_open_or_closed(lab: Lab, daemon_factory: Any, fail_open: bool) -> None:
-    import signal as _signal
-
     d: Daemon = daemon_factory(f"full-{fail_open}.conf", nfq_len=1,
                                fail_open="yes" if fail_open else "no").start()
-    pids = d.worker_pids()
-    for pid in pids:  # nobody reads the queues: the first packet fills each
-        os.kill(pid, _signal.SIGSTOP)
-    try:
-        raw4 = lab.socket("cl", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        try:  # one packet per client address, so that every queue holds one
-            for c in lab.clients4:
-                raw4.sendto(_ip4(17, struct.pack("!HHHH", 9, 9, 8, 0), c, lab.vip4), (lab.vip4, 0))
-        finally:
-            raw4.close()
-        time.sleep(0.2)
+    with frozen_full_queues(lab, d, lab.clients4):  # nobody reads the full queues
         t0 = time.monotonic()
         with pytest.raises(OSError) as err:
             traffic.tcp_request(lab.clients4[0], lab.vip4, PORT, timeout=2, ns=lab.ns("cl"))
@@ -401,7 +389,4 @@ def test_full_queue_fails_open_or_closed(lab: Lab, daemon_factory: Any, fail_ope
         else:
             assert isinstance(err.value, TimeoutError)  # dropped
             assert dropped > 0
-    finally:
-        for pid in pids:
-            os.kill(pid, _signal.SIGCONT)
     assert d.stop() == 0

@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import signal
-import socket
-import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -35,8 +31,7 @@ from loaded.core.strategies import hash_table
 from loaded.lab import traffic
 from loaded.lab.balancer import kernel_queues
 from loaded.lab.topology import Lab
-from tests.e2e.conftest import PORT, Daemon
-from tests.e2e.test_balancing import _ip4
+from tests.e2e.conftest import PORT, Daemon, frozen_full_queues
 
 CLIENTS = 48
 
@@ -149,18 +144,7 @@ def test_a_full_queue_falls_back_to_the_kernels_table(lab: Lab, daemon_factory: 
                                                       datapath: str, strategy: str) -> None:
     d: Daemon = daemon_factory(f"fb-{strategy}.conf", nfq_len=1, strategy=strategy,
                                fail_open="hash").start()
-    pids = d.worker_pids()
-    for pid in pids:  # nobody reads the queues: the first packet fills each
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        raw4 = lab.socket("cl", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        try:  # one packet per client address, so that every queue holds one
-            for c in lab.clients4[:12]:
-                raw4.sendto(_ip4(17, struct.pack("!HHHH", 9, 9, 8, 0), c, lab.vip4),
-                            (lab.vip4, 0))
-        finally:
-            raw4.close()
-        time.sleep(0.2)
+    with frozen_full_queues(lab, d, lab.clients4[:12]):  # nobody reads the full queues
         queue_full = {q: v["waiting"] for q, v in kernel_queues(lab).items()}
         assert all(n >= 1 for n in queue_full.values()), queue_full
         # new clients the frozen workers never saw: balanced by the kernel's
@@ -177,7 +161,4 @@ def test_a_full_queue_falls_back_to_the_kernels_table(lab: Lab, daemon_factory: 
             assert served(lab, c, vip) == name_of(lab, str(b.ip)), c
         dropped = sum(v["queue_dropped"] for v in kernel_queues(lab).values())
         assert dropped == 0  # nothing was dropped: the kernel took what the queue could not
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
     assert d.stop() == 0

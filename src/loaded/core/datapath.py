@@ -270,8 +270,9 @@ class Conntrack(DataPath):
         # Only first packets wait here, and with a table to take the overflow a
         # short queue is a bound on the delay: at the ~25,000 first packets a
         # second a worker decides, 256 wait at most ~10 ms; the flood's rest goes
-        # to the kernel's table at once (bench_newclients: a flood at top speed
-        # gave first-time clients 3.6 ms median with 256 against 63 ms with 4096).
+        # to the kernel's table at once (docs/benchmarks.md, "New clients": during
+        # a flood at top speed first-time clients waited 2.3-3.3 ms (median) with
+        # 256 against 43-72 ms with 4096).
         if fail_open == "hash" and hashing is not None:
             return 256
         return 4096

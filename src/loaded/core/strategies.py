@@ -433,8 +433,7 @@ class HashStrategy(Strategy):
     def choose(self, client: bytes) -> Backend | None:
         if self._version != self.pool.version:
             self._rebuild()
-        if self._size == 1:
-            return self._table[0]
+        # A one-slot table (nobody eligible) is bucket 0 for every client.
         return self._table[jhash_bucket(client, self.seed, self._size)]
 
     def _rebuild(self) -> None:
